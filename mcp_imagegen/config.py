@@ -1,0 +1,209 @@
+"""Read the TOML configuration file and the environment into typed settings.
+
+Keys never live in the file: an endpoint names the environment variable that holds its key, and
+the key is kept as a `SecretStr` so no repr, log line or error can print it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+CONFIG_ENV = "MCP_IMAGEGEN_CONFIG"
+OUTPUT_DIR_ENV = "MCP_IMAGEGEN_OUTPUT_DIR"
+CONFIG_FILE_NAME = "mcp-imagegen.toml"
+DEFAULT_OUTPUT_DIR = "~/Pictures/mcp-imagegen"
+
+# provider id -> (key variable, base-URL variable) for the environment-only setup.
+WELL_KNOWN_KEY_ENVS: dict[str, tuple[str, str | None]] = {
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL"),
+    "nexllm": ("NEXLLM_API_KEY", None),
+    "ai-nebula": ("AI_NEBULA_API_KEY", None),
+    "nano-gpt": ("NANOGPT_API_KEY", None),
+    "llm-vin": ("LLMVIN_API_KEY", None),
+    "modelmax": ("MODELMAX_API_KEY", None),
+}
+
+
+class EndpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Unique; how tools and results name this endpoint.")
+    provider: str = Field(description="A manifest id, or 'openai-compatible' for a plain gateway.")
+    base_url: str | None = Field(default=None, description="Optional for known providers.")
+    api_key_env: str | None = Field(default=None, description="Environment variable that holds the key.")
+    models: list[str] | None = Field(default=None, description="Allowlist of model ids on this endpoint.")
+    timeout_s: float = Field(default=180.0, gt=0, description="Total time one gateway call may take.")
+    max_concurrency: int = Field(default=4, ge=1, le=256, description="Gateway calls in flight at once.")
+    priority: int = Field(default=0, description="Higher is tried first when several endpoints serve a model.")
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("must be non-empty and use only letters, digits, '-', '_' and '.'")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path = Field(default=Path(DEFAULT_OUTPUT_DIR), description="Where images are saved.")
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Extra folders that input file paths may come from."
+    )
+    allow_private_urls: bool = Field(
+        default=False, description="Let tool arguments fetch URLs on private, loopback or link-local addresses."
+    )
+    tool_deadline_s: float = Field(
+        default=50.0,
+        gt=0,
+        description="A generate/edit call that runs longer returns a job handle; the work goes on.",
+    )
+    preview_max_px: int = Field(default=512, ge=64, le=1024, description="Longest side of inline previews.")
+    inline_full_image: bool = Field(
+        default=False, description="Inline the full image (downscaled to fit the result cap) instead of a preview."
+    )
+    failover: bool = Field(
+        default=True, description="Move a call to another endpoint serving the same model on retryable errors."
+    )
+    max_retries: int = Field(default=2, ge=0, le=5, description="Retries of one gateway call on retryable errors.")
+    discovery_ttl_s: float = Field(default=3600.0, ge=0, description="How long discovered model lists are kept.")
+    max_request_body_mb: int = Field(default=64, ge=4, description="Largest request body the HTTP transports take.")
+    source: Path | None = Field(default=None, exclude=True, description="The file these settings came from.")
+
+    @field_validator("output_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("allowed_roots", mode="after")
+    @classmethod
+    def _expand_roots(cls, v: list[Path]) -> list[Path]:
+        return [p.expanduser() for p in v]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for ep in self.endpoints:
+            if ep.name in seen:
+                raise ValueError(f"endpoints: the name {ep.name!r} is used twice; names must be unique")
+            seen.add(ep.name)
+        return self
+
+    def endpoint(self, name: str) -> EndpointConfig | None:
+        return next((e for e in self.endpoints if e.name == name), None)
+
+
+def user_config_dir() -> Path:
+    """The platform's per-user configuration folder (XDG on Linux)."""
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "mcp-imagegen"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mcp-imagegen"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mcp-imagegen"
+
+
+def config_path(env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The configuration file to read, and whether the user named it explicitly."""
+    named = env.get(CONFIG_ENV)
+    if named:
+        return Path(named).expanduser(), True
+    return user_config_dir() / CONFIG_FILE_NAME, False
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f"configuration file {path}" if path else "configuration"
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        key = ""
+        for part in loc:
+            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        lines.append(f"{key or '(top level)'}: {err['msg']}")
+    return f"{where}: " + "; ".join(lines)
+
+
+def _env_endpoints(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    endpoints: list[dict[str, Any]] = []
+    for provider, (key_env, url_env) in WELL_KNOWN_KEY_ENVS.items():
+        if env.get(key_env):
+            entry: dict[str, Any] = {"name": provider, "provider": provider, "api_key_env": key_env}
+            if url_env and env.get(url_env):
+                entry["base_url"] = env[url_env]
+            endpoints.append(entry)
+    return endpoints
+
+
+OFFLINE_ENDPOINT: dict[str, Any] = {"name": "offline", "provider": "offline"}
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the file (if any), else the well-known variables, else the offline endpoint."""
+    env = os.environ if env is None else env
+    path, explicit = config_path(env)
+    raw: dict[str, Any] = {}
+    source: Path | None = None
+    if path.is_file():
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+        source = path
+    elif explicit:
+        raise ConfigError(f"configuration file {path} (named by {CONFIG_ENV}) does not exist")
+
+    if not raw.get("endpoints"):
+        raw["endpoints"] = _env_endpoints(env) or [dict(OFFLINE_ENDPOINT)]
+    if env.get(OUTPUT_DIR_ENV):
+        raw["output_dir"] = env[OUTPUT_DIR_ENV]
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    settings.source = source
+    _check_providers_and_keys(settings, env, source)
+    return settings
+
+
+def _check_providers_and_keys(settings: Settings, env: Mapping[str, str], source: Path | None) -> None:
+    # Imported here: reading a manifest is only needed once settings exist.
+    from .manifests import available_providers, load_manifest
+
+    where = f"configuration file {source}" if source else "configuration"
+    known = available_providers()
+    for i, ep in enumerate(settings.endpoints):
+        if ep.provider not in known:
+            raise ConfigError(
+                f"{where}: endpoints[{i}].provider: unknown provider {ep.provider!r} "
+                f"(endpoint {ep.name!r}); known providers: {', '.join(known)}"
+            )
+        manifest = load_manifest(ep.provider)
+        if manifest.transport == "http" and not (ep.base_url or manifest.base_url):
+            raise ConfigError(
+                f"{where}: endpoints[{i}].base_url: provider {ep.provider!r} has no default base URL; "
+                f"set base_url for endpoint {ep.name!r}"
+            )
+        key_env = ep.api_key_env or manifest.key_env
+        if key_env and env.get(key_env):
+            ep.api_key = SecretStr(env[key_env])
+        # A missing key is not fatal here: doctor reports it, and a call says which variable to set.

@@ -1,0 +1,500 @@
+"""The engine: one generate or edit, from canonical request to saved images.
+
+Every generation runs as a `Job` in the service's own task group, not in the caller's task, so it
+survives a caller that times out or disconnects: an image that was paid for is always saved. A
+caller that cancels explicitly cancels the gateway requests not yet answered; answers already
+received are decoded and saved under a shield.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import checks, images
+from .catalog import ModelCatalog, Route
+from .config import Settings
+from .errors import (
+    BadGatewayResponseError,
+    ImageGenError,
+    InputNotFoundError,
+    InvalidRequestError,
+)
+from .models import (
+    GenerationResult,
+    ImageRecord,
+    ImageRequest,
+    InputImage,
+    ModelInfo,
+    SavedImage,
+    WireImage,
+    WireResult,
+)
+from .store import ImageStore
+
+log = logging.getLogger("mcp_imagegen.service")
+
+ProgressFn = Callable[[float, float | None, str], Awaitable[None]]
+JobStatus = Literal["running", "done", "failed", "cancelled"]
+
+MAX_RESULT_IMAGE_BYTES = 128 * 1024 * 1024  # one downloaded image; anything larger is not an image
+KEEP_FINISHED_JOBS = 256
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation in flight or finished; the handle a slow tool call hands back."""
+
+    id: str
+    request: ImageRequest
+    status: JobStatus = "running"
+    saved: list[SavedImage] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    result: GenerationResult | None = None
+    error: ImageGenError | None = None
+    progress: ProgressFn | None = None
+    route: Route | None = None
+    usage: dict[str, Any] | None = None
+    cost: float | None = None
+    balance: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    _done: anyio.Event = field(default_factory=anyio.Event)
+    _scope: anyio.CancelScope | None = None
+
+    async def wait(self, timeout: float | None) -> GenerationResult | None:
+        """The result, or None when the job has not finished within `timeout` seconds."""
+        with anyio.move_on_after(timeout):
+            await self._done.wait()
+        if not self._done.is_set():
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def detach_progress(self) -> None:
+        self.progress = None
+
+    def cancel(self) -> None:
+        if self._scope is not None and self.status == "running":
+            self._scope.cancel()
+
+    async def _report(self, done: float, total: float | None, message: str) -> None:
+        progress = self.progress
+        if progress is None:
+            return
+        try:
+            await progress(done, total, message)
+        except Exception:  # a caller that went away must not break the job
+            log.debug("progress report failed; detaching", exc_info=True)
+            self.progress = None
+
+
+class ImageService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = ImageStore(settings.output_dir)
+        self._stack = AsyncExitStack()
+        self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
+        self._catalog = ModelCatalog(settings, None)
+        self._tasks: TaskGroup | None = None
+        self._jobs: dict[str, Job] = {}
+
+    async def __aenter__(self) -> ImageService:
+        self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Jobs still running are given the chance to finish saving what they received.
+        try:
+            await self._stack.__aexit__(*exc_info)
+        finally:
+            self._tasks = None
+
+    async def _gateway_client(self) -> Any:
+        if self._gateway is None:
+            from .gateway import GatewayClient
+
+            gateway = GatewayClient(max_retries=self.settings.max_retries)
+            self._gateway = await self._stack.enter_async_context(gateway)
+            self._catalog = ModelCatalog(self.settings, self._gateway)
+        return self._gateway
+
+    async def _needs_gateway(self) -> None:
+        if any(_is_http(ep.provider) for ep in self.settings.endpoints):
+            await self._gateway_client()
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    async def resolve_inputs(
+        self, specs: list[str], mask: str | None
+    ) -> tuple[list[InputImage], InputImage | None]:
+        from .inputs import allowed_roots_for, resolve_input
+
+        roots = allowed_roots_for(self.settings)
+        resolved = []
+        for i, spec in enumerate(specs):
+            role = "image" if len(specs) == 1 else f"image {i + 1}"
+            resolved.append(
+                await resolve_input(
+                    spec,
+                    store=self.store,
+                    allowed_roots=roots,
+                    allow_private_urls=self.settings.allow_private_urls,
+                    role=role,
+                )
+            )
+        resolved_mask = None
+        if mask:
+            resolved_mask = await resolve_input(
+                mask,
+                store=self.store,
+                allowed_roots=roots,
+                allow_private_urls=self.settings.allow_private_urls,
+                role="mask",
+            )
+        return resolved, resolved_mask
+
+    # --- models --------------------------------------------------------------------------------
+
+    async def list_models(
+        self, *, capability: str | None = None, endpoint: str | None = None, refresh: bool = False
+    ) -> tuple[list[ModelInfo], list[str]]:
+        await self._needs_gateway()
+        if capability is not None and capability not in ("generate", "edit", "mask", "multi_image"):
+            raise InvalidRequestError(
+                f"unknown capability {capability!r}; use one of generate, edit, mask, multi_image"
+            )
+        return await self._catalog.list_models(capability=capability, endpoint=endpoint, refresh=refresh)  # type: ignore[arg-type]
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def submit(self, request: ImageRequest, *, progress: ProgressFn | None = None) -> Job:
+        if self._tasks is None:
+            raise RuntimeError("ImageService must be entered (async with) before submitting work")
+        job = Job(id=f"job_{secrets.token_urlsafe(12)}", request=request, progress=progress)
+        self._remember(job)
+        self._tasks.start_soon(self._run_job, job, name=f"imagegen {job.id}")
+        return job
+
+    async def generate(self, request: ImageRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
+        """Submit and wait; cancelling the caller cancels the job (images received are kept)."""
+        job = self.submit(request, progress=progress)
+        try:
+            result = await job.wait(None)
+        except anyio.get_cancelled_exc_class():
+            job.cancel()
+            raise
+        assert result is not None
+        return result
+
+    def job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise InputNotFoundError(
+                f"no job with id {job_id!r} (jobs are kept while this server runs); "
+                "finished images stay readable as imagegen:// resources"
+            )
+        return job
+
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        finished = [j for j in self._jobs.values() if j.status != "running"]
+        for old in finished[: max(0, len(finished) - KEEP_FINISHED_JOBS)]:
+            del self._jobs[old.id]
+
+    async def _run_job(self, job: Job) -> None:
+        with anyio.CancelScope() as scope:
+            job._scope = scope
+            try:
+                job.result = await self._execute(job)
+                job.status = "done"
+            except ImageGenError as exc:
+                job.error, job.status = exc, "failed"
+            except Exception as exc:  # a bug must still end the job with an answer
+                log.exception("job %s failed unexpectedly", job.id)
+                job.error = ImageGenError(f"internal error: {type(exc).__name__}; see the server log")
+                job.status = "failed"
+        if scope.cancelled_caught:
+            job.status = "cancelled"
+            job.error = InvalidRequestError(
+                f"cancelled; {len(job.saved)} image(s) received before the cancel were saved"
+            )
+            if job.saved and job.route is not None:
+                job.result = self._result(job, job.route)
+        job.progress = None
+        job._done.set()
+
+    # --- one generation ------------------------------------------------------------------------
+
+    async def _execute(self, job: Job) -> GenerationResult:
+        request = job.request
+        if any(_is_http(ep.provider) for ep in self.settings.endpoints):
+            await self._gateway_client()
+        routes = await self._catalog.routes(
+            model=request.model,
+            endpoint=request.endpoint,
+            operation=request.operation,
+            has_mask=request.mask is not None,
+            n_images=len(request.images),
+        )
+        failures: list[str] = []
+        for i, route in enumerate(routes):
+            try:
+                result = await self._on_route(job, route)
+            except ImageGenError as exc:
+                can_move = self.settings.failover and exc.retryable and not job.saved and i + 1 < len(routes)
+                if not can_move:
+                    raise
+                failures.append(f"endpoint {route.endpoint.name!r} failed ({exc.message})")
+                job.warnings.append(
+                    f"endpoint {route.endpoint.name!r} failed ({exc.kind}: {exc.message}); "
+                    f"moved to endpoint {routes[i + 1].endpoint.name!r}"
+                )
+                continue
+            return result
+        raise AssertionError("unreachable: the last route either returns or raises")
+
+    async def _on_route(self, job: Job, route: Route) -> GenerationResult:
+        request = job.request
+        job.route = route
+        prepared = checks.prepare(request, route.manifest, route.model)
+        job.warnings.extend(prepared.warnings)
+        total = sum(prepared.batches)
+        await job._report(0, total, f"sending to {route.endpoint.name} ({route.model.id})")
+
+        wire_inputs: tuple[list[InputImage], bytes | None, list[Any]] = ([], None, [])
+        if route.manifest.transport == "http":
+            inputs, mask = await self._inputs_for(job, route, prepared)
+            wire_inputs = (inputs, mask, await self._lineage(route, request))
+
+        failures: list[ImageGenError] = []
+
+        async def run_batch(first_index: int, batch_n: int) -> None:
+            try:
+                if route.manifest.transport == "builtin":
+                    await self._offline_batch(job, route, prepared, first_index, batch_n, total)
+                else:
+                    await self._gateway_batch(job, route, prepared, batch_n, total, *wire_inputs)
+            except ImageGenError as exc:
+                failures.append(exc)
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            offset = 0
+            for batch_n in prepared.batches:
+                tg.start_soon(run_batch, offset, batch_n)
+                offset += batch_n
+        if failures and not job.saved:
+            raise failures[0]
+        for exc in failures:
+            job.warnings.append(f"part of the request failed: {exc.agent_text()}")
+        log.info(
+            "generated %d image(s) on %s/%s in %.2fs",
+            len(job.saved),
+            route.endpoint.name,
+            route.model.id,
+            time.monotonic() - started,
+        )
+        return self._result(job, route)
+
+    def _result(self, job: Job, route: Route) -> GenerationResult:
+        return GenerationResult(
+            images=list(job.saved),
+            model=route.model.id,
+            endpoint=route.endpoint.name,
+            provider=route.endpoint.provider,
+            warnings=list(dict.fromkeys(job.warnings)),
+            usage=job.usage,
+            cost=job.cost,
+            balance=job.balance,
+            elapsed_s=round(time.monotonic() - job.started, 3),
+            job_id=job.id,
+        )
+
+    async def _gateway_batch(
+        self,
+        job: Job,
+        route: Route,
+        prepared: Any,
+        batch_n: int,
+        total: int,
+        inputs: list[InputImage],
+        mask: bytes | None,
+        lineage: list[Any],
+    ) -> None:
+        from .dialects import encode
+
+        request = job.request
+        gateway = await self._gateway_client()
+        wire = encode(route.manifest, prepared, request, batch_n, images=inputs, mask=mask, lineage=lineage)
+
+        def on_retry(reason: str) -> None:
+            job.warnings.append(f"retried endpoint {route.endpoint.name!r}: {reason}")
+
+        answer = await gateway.send(route.endpoint, route.manifest, wire, on_retry=on_retry)
+        # Paid for from here on: finish saving even if the caller cancels.
+        with anyio.CancelScope(shield=True):
+            _accumulate(job, answer)
+            for item in answer.images:
+                data = await self._image_bytes(gateway, item, route)
+                await self._save(job, route, data, item.revised_prompt, total)
+
+    async def _offline_batch(
+        self, job: Job, route: Route, prepared: Any, first_index: int, batch_n: int, total: int
+    ) -> None:
+        from . import offline
+
+        request = job.request
+        width, height = _dimensions(prepared.size, route.model.default_size)
+        seed = request.knobs.get("seed")
+        fmt = request.knobs.get("output_format", "png")
+        mask = request.mask.data if request.mask else None
+        sources = [img.data for img in request.images]
+        for index in range(first_index, first_index + batch_n):
+            if request.operation == "edit":
+                data = await anyio.to_thread.run_sync(
+                    lambda i=index: offline.edit(
+                        sources,
+                        request.prompt,
+                        mask=mask,
+                        width=width if prepared.size else None,
+                        height=height if prepared.size else None,
+                        seed=seed,
+                        index=i,
+                        strength=request.knobs.get("strength"),
+                        output_format=fmt,
+                    )
+                )
+            else:
+                data = await anyio.to_thread.run_sync(
+                    lambda i=index: offline.render(
+                        request.prompt, width, height, seed=seed, index=i, output_format=fmt
+                    )
+                )
+            with anyio.CancelScope(shield=True):
+                await self._save(job, route, data, None, total)
+
+    async def _inputs_for(self, job: Job, route: Route, prepared: Any) -> tuple[list[InputImage], bytes | None]:
+        request = job.request
+        if request.operation != "edit":
+            return [], None
+        fitted, notes = await anyio.to_thread.run_sync(
+            lambda: checks.fit_inputs(request.images, route.manifest, route.model)
+        )
+        job.warnings.extend(notes)
+        mask_bytes = None
+        if request.mask is not None:
+            first = fitted[0]
+            mask_bytes = await anyio.to_thread.run_sync(
+                lambda: images.convert_mask(
+                    request.mask.data,  # type: ignore[union-attr]
+                    width=first.width,
+                    height=first.height,
+                    semantics=prepared.mask_semantics,
+                )
+            )
+        return fitted, mask_bytes
+
+    async def _lineage(self, route: Route, request: ImageRequest) -> list[Any]:
+        """Earlier turns for an image this server made, for gateways that take conversations."""
+        ops = route.manifest.operations.get("edit")
+        if request.operation != "edit" or ops is None or ops.inputs is None:
+            return []
+        if ops.inputs.encoding != "gemini_contents" or not request.images or not request.images[0].image_id:
+            return []
+        from .dialects import Turn
+
+        records = await anyio.to_thread.run_sync(
+            lambda: self.store.lineage(request.images[0].image_id, ops.inputs.max_lineage_turns)  # type: ignore[union-attr,arg-type]
+        )
+        turns: list[Turn] = []
+        # Oldest first: each image this server made answered the prompt that produced it.
+        for record in reversed(records):
+            data, mime = await anyio.to_thread.run_sync(lambda r=record: self.store.read_bytes(r.id))
+            turns.append(Turn(role="user", text=record.prompt, images=[]))
+            turns.append(Turn(role="model", text="Generated 1 image", images=[(data, mime)]))
+        return turns[-2 * ops.inputs.max_lineage_turns :]
+
+    async def _image_bytes(self, gateway: Any, item: WireImage, route: Route) -> bytes:
+        if item.b64:
+            try:
+                return base64.b64decode(item.b64, validate=False)
+            except (binascii.Error, ValueError):
+                raise BadGatewayResponseError(
+                    "the gateway returned invalid base64 image data", endpoint=route.endpoint.name
+                ) from None
+        if item.url:
+            return await gateway.fetch_image(item.url, max_bytes=MAX_RESULT_IMAGE_BYTES)
+        raise BadGatewayResponseError("the gateway returned an image entry with neither data nor URL")
+
+    async def _save(self, job: Job, route: Route, data: bytes, revised_prompt: str | None, total: int) -> None:
+        request = job.request
+        try:
+            mime, width, height = await anyio.to_thread.run_sync(
+                lambda: images.sniff(data, source=f"the image from endpoint {route.endpoint.name!r}", verify=True)
+            )
+        except InvalidRequestError as exc:
+            raise BadGatewayResponseError(
+                f"the gateway returned something that is not a usable image: {exc.message}",
+                endpoint=route.endpoint.name,
+            ) from None
+        parameters: dict[str, Any] = {"n": request.n, "size": request.size, **request.knobs}
+        if request.extra:
+            parameters["extra"] = request.extra
+        record: ImageRecord = await anyio.to_thread.run_sync(
+            lambda: self.store.save(
+                data,
+                mime_type=mime,
+                width=width,
+                height=height,
+                prompt=request.prompt,
+                operation=request.operation,
+                model=route.model.id,
+                endpoint=route.endpoint.name,
+                provider=route.endpoint.provider,
+                parameters={k: v for k, v in parameters.items() if v is not None},
+                parent_ids=[img.image_id for img in request.images if img.image_id],
+                revised_prompt=revised_prompt or None,
+                job_id=job.id,
+            )
+        )
+        job.saved.append(SavedImage.model_validate(record.model_dump()))
+        await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
+
+
+def _is_http(provider: str) -> bool:
+    from .manifests import load_manifest
+
+    return load_manifest(provider).transport == "http"
+
+
+def _dimensions(size: str | None, default: str | None) -> tuple[int, int]:
+    chosen = size if size and size != "auto" else (default or "1024x1024")
+    w, _, h = chosen.partition("x")
+    return int(w), int(h)
+
+
+def _accumulate(job: Job, answer: WireResult) -> None:
+    """Add one gateway answer's usage and cost to the job's; the latest balance wins."""
+    if answer.usage:
+        usage = job.usage or {}
+        for key, value in answer.usage.items():
+            if isinstance(value, (int, float)) and isinstance(usage.get(key, 0), (int, float)):
+                usage[key] = usage.get(key, 0) + value
+            else:
+                usage.setdefault(key, value)
+        job.usage = usage
+    if answer.cost is not None:
+        job.cost = (job.cost or 0.0) + answer.cost
+    if answer.balance is not None:
+        job.balance = answer.balance
