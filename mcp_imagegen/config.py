@@ -92,7 +92,8 @@ class Settings(BaseModel):
     @field_validator("output_dir", mode="after")
     @classmethod
     def _expand(cls, v: Path) -> Path:
-        return v.expanduser()
+        # Hosts do not always expand ${HOME} in the values they pass; do it here.
+        return Path(os.path.expandvars(str(v))).expanduser()
 
     @field_validator("allowed_roots", mode="after")
     @classmethod
@@ -112,21 +113,23 @@ class Settings(BaseModel):
         return next((e for e in self.endpoints if e.name == name), None)
 
 
-def user_config_dir() -> Path:
+def user_config_dir(env: Mapping[str, str] | None = None) -> Path:
     """The platform's per-user configuration folder (XDG on Linux)."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
     if sys.platform == "win32":
-        return Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "mcp-imagegen"
+        return Path(env.get("APPDATA") or home / "AppData" / "Roaming") / "mcp-imagegen"
     if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "mcp-imagegen"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mcp-imagegen"
+        return home / "Library" / "Application Support" / "mcp-imagegen"
+    return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "mcp-imagegen"
 
 
 def config_path(env: Mapping[str, str]) -> tuple[Path, bool]:
     """The configuration file to read, and whether the user named it explicitly."""
-    named = env.get(CONFIG_ENV)
+    named = _env_value(env, CONFIG_ENV)
     if named:
         return Path(named).expanduser(), True
-    return user_config_dir() / CONFIG_FILE_NAME, False
+    return user_config_dir(env) / CONFIG_FILE_NAME, False
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
@@ -141,13 +144,26 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     return f"{where}: " + "; ".join(lines)
 
 
+def _env_value(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value, or None when empty or an unexpanded `${...}` placeholder.
+
+    Some MCP hosts pass a bundle's blank optional field through as its literal placeholder
+    (`${user_config.openai_api_key}`); taking that as a key would hide the offline fallback.
+    """
+    value = env.get(name, "").strip()
+    if not value or (value.startswith("${") and value.endswith("}")):
+        return None
+    return value
+
+
 def _env_endpoints(env: Mapping[str, str]) -> list[dict[str, Any]]:
     endpoints: list[dict[str, Any]] = []
     for provider, (key_env, url_env) in WELL_KNOWN_KEY_ENVS.items():
-        if env.get(key_env):
+        if _env_value(env, key_env):
             entry: dict[str, Any] = {"name": provider, "provider": provider, "api_key_env": key_env}
-            if url_env and env.get(url_env):
-                entry["base_url"] = env[url_env]
+            base_url = _env_value(env, url_env) if url_env else None
+            if base_url:
+                entry["base_url"] = base_url
             endpoints.append(entry)
     return endpoints
 
@@ -174,8 +190,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     if not raw.get("endpoints"):
         raw["endpoints"] = _env_endpoints(env) or [dict(OFFLINE_ENDPOINT)]
-    if env.get(OUTPUT_DIR_ENV):
-        raw["output_dir"] = env[OUTPUT_DIR_ENV]
+    output_dir = _env_value(env, OUTPUT_DIR_ENV)
+    if output_dir:
+        raw["output_dir"] = output_dir
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
@@ -204,6 +221,7 @@ def _check_providers_and_keys(settings: Settings, env: Mapping[str, str], source
                 f"set base_url for endpoint {ep.name!r}"
             )
         key_env = ep.api_key_env or manifest.key_env
-        if key_env and env.get(key_env):
-            ep.api_key = SecretStr(env[key_env])
+        key = _env_value(env, key_env) if key_env else None
+        if key:
+            ep.api_key = SecretStr(key)
         # A missing key is not fatal here: doctor reports it, and a call says which variable to set.
