@@ -49,6 +49,7 @@ JobStatus = Literal["running", "done", "failed", "cancelled"]
 
 MAX_RESULT_IMAGE_BYTES = 128 * 1024 * 1024  # one downloaded image; anything larger is not an image
 KEEP_FINISHED_JOBS = 256
+SHUTDOWN_GRACE_S = 30.0
 
 
 @dataclass(eq=False)
@@ -114,11 +115,15 @@ class ImageService:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # Jobs still running are given the chance to finish saving what they received.
-        try:
-            await self._stack.__aexit__(*exc_info)
-        finally:
-            self._tasks = None
+        # Running jobs get a grace period to finish and save what they were paid for; the
+        # caller's own exception, if any, propagates unchanged (not wrapped by the task group).
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE_S):
+            for job in list(self._jobs.values()):
+                await job._done.wait()
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+        self._tasks = None
+        await self._stack.aclose()
 
     async def _gateway_client(self) -> Any:
         if self._gateway is None:
@@ -367,8 +372,9 @@ class ImageService:
                         sources,
                         request.prompt,
                         mask=mask,
-                        width=width if prepared.size else None,
-                        height=height if prepared.size else None,
+                        # An edit keeps the input's size unless the caller asked for one.
+                        width=width if request.size else None,
+                        height=height if request.size else None,
                         seed=seed,
                         index=i,
                         strength=request.knobs.get("strength"),

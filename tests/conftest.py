@@ -1,0 +1,65 @@
+"""Shared fixtures: an isolated environment, settings builders and gateway emulators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_imagegen.config import WELL_KNOWN_KEY_ENVS, Settings
+from mcp_imagegen.manifests import load_manifest
+from tests.emulators import EMULATORS, Emulator
+
+# A key that must never show up in any output; tests search for it.
+SECRET_KEY = "sk-test-SECRET-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's keys, configuration or Pictures folder."""
+    for key_env, url_env in WELL_KNOWN_KEY_ENVS.values():
+        monkeypatch.delenv(key_env, raising=False)
+        if url_env:
+            monkeypatch.delenv(url_env, raising=False)
+    for name in ("MCP_IMAGEGEN_CONFIG", "MCP_IMAGEGEN_AUTH_TOKEN", "MCP_IMAGEGEN_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("MCP_IMAGEGEN_OUTPUT_DIR", str(tmp_path / "out"))
+
+
+def endpoint_for(emu: Emulator, name: str | None = None, **fields: Any) -> dict[str, Any]:
+    """An endpoint table pointing at an emulator, with its key in the settings (not the env)."""
+    provider = fields.pop("provider", emu.provider_id)
+    entry = {"name": name or provider, "provider": provider, "base_url": emu.base_url, **fields}
+    return entry
+
+
+def make_settings(tmp_path: Path, endpoints: list[dict[str, Any]], **fields: Any) -> Settings:
+    """Settings as load_settings would build them, with keys filled in from `key` entries."""
+    from pydantic import SecretStr
+
+    keys = [ep.pop("key", None) for ep in endpoints]
+    settings = Settings.model_validate({"output_dir": tmp_path / "out", "endpoints": endpoints, **fields})
+    for ep, key in zip(settings.endpoints, keys):
+        load_manifest(ep.provider)
+        if key:
+            ep.api_key = SecretStr(key)
+    return settings
+
+
+@pytest.fixture
+def emulator() -> Iterator[Callable[..., Emulator]]:
+    """Start emulators by provider id; all are stopped when the test ends."""
+    started: list[Emulator] = []
+
+    def start(provider: str, **kwargs: Any) -> Emulator:
+        emu = EMULATORS[provider](**kwargs)
+        emu.start()
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in started:
+        emu.stop()

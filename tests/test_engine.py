@@ -1,0 +1,444 @@
+"""The engine end to end against loopback gateways that speak each seed dialect.
+
+Each test drives ImageService as the MCP tools and the command line do, and checks both what the
+caller gets and what the gateway saw on the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from PIL import Image
+
+from mcp_imagegen.errors import (
+    AuthenticationError,
+    GatewayError,
+    ImageGenError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from mcp_imagegen.models import ImageRequest, InputImage
+from mcp_imagegen.service import ImageService
+from tests.conftest import SECRET_KEY, endpoint_for, make_settings
+from tests.emulators import Fault
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def png(width: int, height: int, color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def input_image(data: bytes, source: str = "test.png", image_id: str | None = None) -> InputImage:
+    with Image.open(io.BytesIO(data)) as im:
+        return InputImage(data=data, mime_type="image/png", width=im.width, height=im.height, source=source, image_id=image_id)
+
+
+def alpha_mask(width: int, height: int) -> bytes:
+    """Transparent (edit here) on the left half, opaque on the right."""
+    im = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    im.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def run(settings: Any, request: ImageRequest) -> Any:
+    async with ImageService(settings) as service:
+        return await service.generate(request)
+
+
+def data_url_bytes(url: str) -> bytes:
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+# --- generate on every gateway ---------------------------------------------------------------
+
+GENERATE_CASES = [
+    ("openai", "gpt-image-1", "1024x1024"),
+    ("openai", "dall-e-3", "1792x1024"),
+    ("nexllm", "dall-e-3", "1024x1024"),
+    ("ai-nebula", "gemini-2.5-flash-image-preview", None),
+    ("nano-gpt", "hidream", "768x1360"),
+    ("llm-vin", "flux-1", "1024x1792"),
+    ("modelmax", "imagen-3", "1024x1024"),
+]
+
+
+@pytest.mark.parametrize(("provider", "model", "size"), GENERATE_CASES)
+async def test_generate_on_each_gateway(tmp_path: Path, emulator: Any, provider: str, model: str, size: str | None) -> None:
+    emu = emulator(provider, api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(settings, ImageRequest(operation="generate", prompt="a red fox", model=model, size=size))
+
+    assert (result.model, result.endpoint, result.provider) == (model, provider, provider)
+    [image] = result.images
+    path = Path(image.path)
+    assert path.is_file() and path.parent == tmp_path / "out"
+    assert image.mime_type == "image/png" and image.bytes == path.stat().st_size
+    with Image.open(path) as im:
+        assert (im.width, im.height) == (image.width, image.height)
+        if size:
+            assert f"{im.width}x{im.height}" == size
+    assert image.uri == f"imagegen://images/{image.id}"
+
+    [sent] = emu.requests_to("/images/generations")
+    assert sent.authorization == f"Bearer {SECRET_KEY}"
+    assert sent.json["model"] == model
+    assert sent.status == 200
+
+
+async def test_gpt_image_never_gets_response_format(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    request = ImageRequest(
+        operation="generate", prompt="x", model="gpt-image-1", extra={"response_format": "url"}, knobs={"quality": "low"}
+    )
+    result = await run(settings, request)
+    sent = emu.requests_to("/images/generations")[0].json
+    assert "response_format" not in sent and sent["quality"] == "low"
+    assert any("response_format" in w for w in result.warnings)
+    assert result.usage and result.usage["total_tokens"] > 0
+
+
+async def test_url_answers_are_downloaded_at_once_and_b64_asked_where_possible(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("llm-vin", api_key=None, auth_required=False)  # llm.vin answers with URLs only
+    settings = make_settings(tmp_path, [endpoint_for(emu)])
+    result = await run(settings, ImageRequest(operation="generate", prompt="x", n=2))
+    assert len(result.images) == 2
+    assert len(emu.requests_to("/files/")) == 2
+    assert "response_format" not in emu.requests_to("/images/generations")[0].json
+
+    dalle = emulator("nexllm", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(dalle, key=SECRET_KEY)])
+    await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-3"))
+    assert dalle.requests_to("/images/generations")[0].json["response_format"] == "b64_json"
+
+
+async def test_n_above_the_models_maximum_fans_out_and_says_so(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-3", n=3))
+    assert len(result.images) == 3
+    sent = emu.requests_to("/images/generations")
+    assert len(sent) == 3 and all(r.json.get("n", 1) == 1 for r in sent)
+    assert any("3" in w and "dall-e-3" in w for w in result.warnings)
+
+
+async def test_cost_and_balance_are_reported(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("nano-gpt", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(settings, ImageRequest(operation="generate", prompt="x", model="hidream", n=2))
+    assert result.cost is not None and result.cost > 0
+    assert result.balance is not None
+
+
+async def test_modelmax_usage_and_revised_prompt(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("modelmax", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(
+        settings, ImageRequest(operation="generate", prompt="a lake", knobs={"quality": "hd", "style": "natural"})
+    )
+    assert result.usage is not None and "total_tokens" in result.usage
+    assert result.images[0].revised_prompt
+    sent = emu.requests_to("/images/generations")[0].json
+    assert (sent["quality"], sent["style"]) == ("hd", "natural")
+
+
+# --- checks before any money is spent ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "request_fields", "expected"),
+    [
+        ("llm-vin", {"size": "2048x2048"}, ["1024x1024", "1024x1792", "1792x1024"]),
+        ("modelmax", {"knobs": {"quality": "ultra"}}, ["standard", "hd"]),
+        ("nano-gpt", {"model": "hidream", "n": 50}, ["n=50", "10"]),
+        ("openai", {"model": "dall-e-2", "prompt": "x" * 1001}, ["1000"]),
+        ("openai", {"model": "dall-e-3", "operation": "edit"}, ["gpt-image-1", "dall-e-2"]),
+    ],
+)
+async def test_bad_arguments_fail_before_any_request(
+    tmp_path: Path, emulator: Any, provider: str, request_fields: dict[str, Any], expected: list[str]
+) -> None:
+    emu = emulator(provider, api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    fields: dict[str, Any] = {"operation": "generate", "prompt": "a fox", **request_fields}
+    if fields["operation"] == "edit":
+        fields["images"] = [input_image(png(64, 64))]
+    with pytest.raises(InvalidRequestError) as info:
+        await run(settings, ImageRequest(**fields))
+    for part in expected:
+        assert part in info.value.message
+    assert emu.requests == []
+
+
+async def test_unknown_model_and_endpoint_name_what_exists(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("modelmax", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    with pytest.raises(ModelNotFoundError, match="imagen-3"):
+        await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-9"))
+    with pytest.raises(InvalidRequestError, match="modelmax"):
+        await run(settings, ImageRequest(operation="generate", prompt="x", endpoint="nope"))
+
+
+# --- edits in each encoding ----------------------------------------------------------------------
+
+
+async def test_openai_edit_multipart_one_several_and_mask(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    one = input_image(png(256, 256))
+    await run(settings, ImageRequest(operation="edit", prompt="add a hat", model="gpt-image-1", images=[one]))
+    first = emu.requests_to("/images/edits")[-1]
+    assert list(first.files) == ["image"] and first.form["model"] == "gpt-image-1"
+
+    two = [one, input_image(png(256, 256, (0, 0, 255)))]
+    await run(settings, ImageRequest(operation="edit", prompt="merge", model="gpt-image-1", images=two))
+    assert len(emu.requests_to("/images/edits")[-1].files["image[]"]) == 2
+
+    # A white-on-black mask (no alpha) becomes OpenAI's transparent-means-edit mask.
+    white_left = Image.new("L", (256, 256), 0)
+    white_left.paste(255, (0, 0, 128, 256))
+    buf = io.BytesIO()
+    white_left.save(buf, "PNG")
+    mask = input_image(buf.getvalue(), "mask.png")
+    await run(settings, ImageRequest(operation="edit", prompt="sky", model="dall-e-2", images=[one], mask=mask))
+    sent_mask = emu.requests_to("/images/edits")[-1].files["mask"][0].data
+    with Image.open(io.BytesIO(sent_mask)) as im:
+        assert im.mode == "RGBA" and im.size == (256, 256)
+        assert im.getpixel((10, 10))[3] == 0 and im.getpixel((250, 10))[3] == 255
+
+
+async def test_nano_gpt_edit_data_urls_white_mask_and_4mb_cap(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("nano-gpt", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    base = input_image(png(1024, 1024))
+    request = ImageRequest(
+        operation="edit",
+        prompt="fill",
+        model="flux-lora/inpainting",
+        images=[base],
+        mask=input_image(alpha_mask(512, 512), "mask.png"),
+    )
+    await run(settings, request)
+    sent = emu.requests_to("/images/generations")[-1].json
+    assert sent["imageDataUrl"].startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(data_url_bytes(sent["maskDataUrl"]))) as im:
+        gray = im.convert("L")
+        assert gray.size == (1024, 1024)
+        assert gray.getpixel((10, 10)) == 255 and gray.getpixel((1000, 10)) == 0  # white = edit here
+
+    # A 6 MB photo-like input is re-encoded to fit the 4 MB data-URL cap, with a warning.
+    import os
+
+    noisy = Image.frombytes("RGB", (1600, 1400), os.urandom(1600 * 1400 * 3))
+    buf = io.BytesIO()
+    noisy.save(buf, "PNG")
+    assert len(buf.getvalue()) > 4_000_000
+    big = input_image(buf.getvalue(), "big.png")
+    result = await run(settings, ImageRequest(operation="edit", prompt="x", model="flux-kontext", images=[big]))
+    sent = emu.requests_to("/images/generations")[-1].json
+    assert len(sent["imageDataUrl"]) <= 4_000_000
+    assert any("big.png" in w for w in result.warnings)
+
+    several = [input_image(png(512, 512)), input_image(png(512, 512, (0, 255, 0)))]
+    await run(settings, ImageRequest(operation="edit", prompt="x", model="flux-kontext", images=several))
+    assert len(emu.requests_to("/images/generations")[-1].json["imageDataUrls"]) == 2
+
+
+async def test_ai_nebula_edit_replays_lineage_as_turns(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("ai-nebula", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    async with ImageService(settings) as service:
+        first = await service.generate(ImageRequest(operation="generate", prompt="Canton Tower at noon"))
+        [made], _ = await service.resolve_inputs([first.images[0].uri], None)
+        assert made.image_id == first.images[0].id
+        await service.generate(ImageRequest(operation="edit", prompt="make it a snowy night", images=[made]))
+    sent = emu.requests_to("/images/generations")[-1].json
+    roles = [turn["role"] for turn in sent["contents"]]
+    assert roles == ["user", "model", "user"]
+    assert sent["contents"][0]["parts"][0]["text"] == "Canton Tower at noon"
+    assert sent["contents"][-1]["parts"][0]["text"] == "make it a snowy night"
+    assert any("image" in part for part in sent["contents"][1]["parts"])
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+
+async def test_list_models_merges_manifests_and_discovery(tmp_path: Path, emulator: Any) -> None:
+    nano = emulator("nano-gpt", api_key=SECRET_KEY)
+    openai = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(
+        tmp_path, [endpoint_for(nano, key=SECRET_KEY), endpoint_for(openai, key=SECRET_KEY)]
+    )
+    async with ImageService(settings) as service:
+        models, warnings = await service.list_models()
+        assert warnings == []
+        by_key = {(m.endpoint, m.id): m for m in models}
+        assert by_key[("nano-gpt", "hidream")].sizes == ["1024x1024", "768x1360", "1360x768"]
+        assert "mask" in by_key[("nano-gpt", "flux-lora/inpainting")].capabilities
+        assert ("openai", "gpt-image-1") in by_key and not any(m.id.startswith("text-embedding") for m in models)
+        masks, _ = await service.list_models(capability="mask", endpoint="nano-gpt")
+        assert {m.id for m in masks} == {"flux-lora/inpainting"}
+        await service.list_models()
+        assert len(nano.requests_to("image-models")) == 1  # cached
+        await service.list_models(refresh=True)
+        assert len(nano.requests_to("image-models")) == 2
+
+
+# --- gateway errors ------------------------------------------------------------------------------
+
+
+async def test_documented_errors_become_typed_errors_without_the_key(
+    tmp_path: Path, emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    nano = emulator("nano-gpt", api_key=SECRET_KEY)
+    mm = emulator("modelmax", api_key=SECRET_KEY)
+    settings = make_settings(
+        tmp_path,
+        [endpoint_for(nano, key=SECRET_KEY), endpoint_for(mm, key=SECRET_KEY)],
+        max_retries=1,
+    )
+    seen: list[ImageGenError] = []
+    async with ImageService(settings) as service:
+        nano.inject(Fault.http(402, body={"error": "Insufficient balance", "status": 402}))
+        with pytest.raises(InsufficientBalanceError) as info:
+            await service.generate(ImageRequest(operation="generate", prompt="x", endpoint="nano-gpt"))
+        assert "Insufficient balance" in info.value.agent_text()
+        seen.append(info.value)
+
+        mm.inject(Fault.http(502), times=2)
+        with pytest.raises(GatewayError) as info2:
+            await service.generate(ImageRequest(operation="generate", prompt="x", endpoint="modelmax"))
+        assert len(mm.requests_to("/images/generations")) == 2  # one retry, then give up
+        seen.append(info2.value)
+
+    wrong = make_settings(tmp_path, [endpoint_for(mm, key="sk-wrong-" + SECRET_KEY[-12:])])
+    with pytest.raises(AuthenticationError) as info3:
+        await run(wrong, ImageRequest(operation="generate", prompt="x"))
+    seen.append(info3.value)
+
+    for err in seen:
+        assert SECRET_KEY not in err.agent_text() and SECRET_KEY not in repr(err)
+        assert SECRET_KEY[-12:] not in err.agent_text()
+    assert SECRET_KEY not in caplog.text
+
+
+# --- failover, cancellation, nothing lost ---------------------------------------------------------
+
+
+async def test_failover_to_another_endpoint_serving_the_model(tmp_path: Path, emulator: Any) -> None:
+    down = emulator("openai", api_key=SECRET_KEY)
+    up = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(
+        tmp_path,
+        [endpoint_for(down, "primary", key=SECRET_KEY, priority=2), endpoint_for(up, "backup", key=SECRET_KEY)],
+        max_retries=0,
+    )
+    down.inject(Fault.http(503), times=None)
+    result = await run(settings, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
+    assert result.endpoint == "backup" and len(result.images) == 1
+    assert any("primary" in w and "backup" in w for w in result.warnings)
+
+    no_failover = settings.model_copy(update={"failover": False})
+    with pytest.raises(GatewayError):
+        await run(no_failover, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
+
+
+async def test_cancel_keeps_images_already_received(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    async with ImageService(settings) as service:
+        emu.inject(Fault.delay(30))  # one of the two fanned-out requests hangs
+        job = service.submit(ImageRequest(operation="generate", prompt="x", model="dall-e-3", n=2))
+        with anyio.fail_after(10):
+            while not job.saved:
+                await anyio.sleep(0.02)
+        job.cancel()
+        with pytest.raises(InvalidRequestError, match="cancelled"):
+            await job.wait(5)
+        assert job.status == "cancelled"
+        assert [r.id for r in service.store.recent()] == [job.saved[0].id]
+        assert job.result is not None and len(job.result.images) == 1
+
+
+async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", api_key=SECRET_KEY, latency_s=0.5)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    async with ImageService(settings) as service:
+        job = service.submit(ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
+        assert await job.wait(0.05) is None  # the caller's deadline passed
+        result = await job.wait(10)
+        assert result is not None and job.status == "done"
+        assert service.store.get(result.images[0].id).path == result.images[0].path
+
+
+async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, emulator: Any) -> None:
+    slow = emulator("openai", api_key=SECRET_KEY, latency_s=0.3)
+    fast = emulator("modelmax", api_key=SECRET_KEY)
+    settings = make_settings(
+        tmp_path,
+        [
+            endpoint_for(slow, key=SECRET_KEY, max_concurrency=4),
+            endpoint_for(fast, key=SECRET_KEY, max_concurrency=16),
+        ],
+    )
+    done: dict[str, float] = {}
+    async with ImageService(settings) as service:
+        start = anyio.current_time()
+
+        async def one(i: int, endpoint: str) -> None:
+            result = await service.generate(ImageRequest(operation="generate", prompt=f"p{i}", endpoint=endpoint))
+            assert len(result.images) == 1
+            done[f"{endpoint}{i}"] = anyio.current_time() - start
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i, "openai")
+                for i in range(80):
+                    tg.start_soon(one, i, "modelmax")
+    assert len(done) == 100
+    assert slow.max_in_flight <= 4
+    # The slow gateway's queue (20 calls, 4 at a time, 0.3 s each) does not hold up the fast one.
+    fast_last = max(v for k, v in done.items() if k.startswith("modelmax"))
+    slow_last = max(v for k, v in done.items() if k.startswith("openai"))
+    assert fast_last < slow_last
+    assert len(list((tmp_path / "out").glob("*.png"))) == 100
+
+
+async def test_offline_endpoint_generates_and_edits_inside_the_mask(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, [{"name": "offline", "provider": "offline"}])
+    async with ImageService(settings) as service:
+        made = await service.generate(
+            ImageRequest(operation="generate", prompt="a red fox", size="320x200", knobs={"seed": 7}, n=2)
+        )
+        assert [(i.width, i.height) for i in made.images] == [(320, 200), (320, 200)]
+        [source], _ = await service.resolve_inputs([made.images[0].uri], None)
+        mask_img = input_image(alpha_mask(320, 200), "mask.png")
+        edited = await service.generate(
+            ImageRequest(operation="edit", prompt="snow", images=[source], mask=mask_img)
+        )
+    with Image.open(made.images[0].path) as a, Image.open(edited.images[0].path) as b:
+        a, b = a.convert("RGB"), b.convert("RGB")
+        assert a.getpixel((300, 100)) == b.getpixel((300, 100))  # outside the mask: unchanged
+        assert a.crop((0, 0, 150, 200)).tobytes() != b.crop((0, 0, 150, 200)).tobytes()
+    record = json.loads(next((tmp_path / "out" / ".mcp-imagegen").glob(f"{edited.images[0].id}.json")).read_text())
+    assert record["parent_ids"] == [made.images[0].id]
