@@ -85,7 +85,7 @@ def _endpoint_static_checks(settings: Settings) -> list[Check]:
 async def _reachability(settings: Settings) -> list[Check]:
     import anyio
 
-    from .errors import AuthenticationError, ImageGenError
+    from .errors import AuthenticationError, GatewayError, ImageGenError
     from .gateway import GatewayClient
 
     checks: list[Check] = []
@@ -97,27 +97,36 @@ async def _reachability(settings: Settings) -> list[Check]:
             manifest = load_manifest(ep.provider)
             base = ep.base_url or manifest.base_url or ""
             subject = f"endpoint {ep.name}"
+            # The model list where the gateway has one; otherwise any HTTP answer from /models
+            # proves the gateway is there (most relays serve it, the rest answer 404).
+            path, relative_to = "/models", "base_url"
+            if manifest.discovery is not None:
+                path, relative_to = manifest.discovery.path, manifest.discovery.relative_to
             started = time.perf_counter()
             try:
                 with anyio.fail_after(min(ep.timeout_s, 15)):
-                    if manifest.discovery is not None:
-                        spec = manifest.discovery
-                        await gateway.get_json(ep, manifest, spec.path, spec.relative_to, spec.auth)
-                        what = "model list answered"
-                    else:
-                        await gateway.probe(ep, manifest)
-                        what = "answered"
+                    # Without a key, only ask whether the gateway is there; the missing key is
+                    # already reported above.
+                    await gateway.get_json(ep, manifest, path, relative_to, ep.api_key is not None)
+                what = "answered"
             except AuthenticationError as exc:
                 checks.append(
-                    Check(subject, "fail", f"{base} refused the key: {exc.message}", "check the key's value and account")
+                    Check(
+                        subject,
+                        "fail",
+                        f"{base} refused the key: {exc.message}",
+                        f"check the value of ${ep.api_key_env or manifest.key_env} and the account it belongs to",
+                    )
                 )
                 continue
-            except (ImageGenError, TimeoutError) as exc:
+            except (GatewayError, TimeoutError) as exc:
                 message = exc.message if isinstance(exc, ImageGenError) else "timed out"
                 checks.append(
                     Check(subject, "fail", f"{base} is not reachable: {message}", "check base_url and the network")
                 )
                 continue
+            except ImageGenError as exc:
+                what = f"answered (HTTP {exc.status or '?'} on {path})"
             ms = (time.perf_counter() - started) * 1000
             checks.append(Check(subject, "ok", f"{base} {what} in {ms:.0f} ms"))
     return checks
