@@ -1,0 +1,377 @@
+"""images.py: sniffing, limits, previews, fitting, masks, data URLs."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import struct
+import warnings
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageChops
+
+from mcp_imagegen import images
+from mcp_imagegen.errors import InvalidRequestError
+
+
+def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@functools.cache
+def photo_like(w: int, h: int, fmt: str = "PNG", sigma: float = 40, **kw: object) -> bytes:
+    """Gradients plus noise: compresses like a photo, unlike a flat test card. (Cached: slow.)"""
+    tile = Image.merge("RGB", [Image.effect_noise((min(w, 512), min(h, 512)), sigma * f) for f in (1, 0.9, 1.1)])
+    noise = Image.new("RGB", (w, h))
+    for y in range(0, h, tile.height):
+        for x in range(0, w, tile.width):
+            noise.paste(tile, (x, y))
+    grad = Image.merge("RGB", [Image.linear_gradient("L").rotate(30 * i).resize((w, h)) for i in range(3)])
+    im = ImageChops.add(ImageChops.multiply(grad, Image.new("RGB", (w, h), (200, 200, 200))), noise, scale=1.4)
+    return encode(im, fmt, **kw)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose valid header claims width x height, with a tiny (wrong) body."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+# --- sniff --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "mode"),
+    [
+        ("PNG", "image/png", "RGB"),
+        ("PNG", "image/png", "RGBA"),
+        ("JPEG", "image/jpeg", "RGB"),
+        ("WEBP", "image/webp", "RGB"),
+        ("WEBP", "image/webp", "RGBA"),
+        ("GIF", "image/gif", "P"),
+    ],
+)
+@pytest.mark.parametrize("verify", [True, False])
+def test_sniff_each_format(fmt: str, mime: str, mode: str, verify: bool) -> None:
+    data = encode(Image.new(mode, (37, 21), 100 if mode == "P" else None), fmt)
+    assert images.sniff(data, "test", verify=verify) == (mime, 37, 21)
+
+
+def test_sniff_lossless_webp_header() -> None:
+    data = encode(Image.new("RGB", (300, 77), (1, 2, 3)), "WEBP", lossless=True)
+    assert images.sniff(data) == ("image/webp", 300, 77)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_truncated_images_are_refused(fmt: str, verify: bool) -> None:
+    im = Image.open(io.BytesIO(photo_like(96, 64))).convert("RGB")
+    data = encode(im if fmt != "GIF" else im.convert("P"), fmt)
+    cut = data[: len(data) * 2 // 3]
+    with pytest.raises(InvalidRequestError, match=r"upload\.x is truncated"):
+        images.sniff(cut, "upload.x", verify=verify)
+
+
+def test_truncated_header() -> None:
+    with pytest.raises(InvalidRequestError, match="is truncated"):
+        images.sniff(photo_like(32, 32)[:20], "x")
+
+
+@pytest.mark.parametrize(
+    ("data", "hint"),
+    [
+        (b"hello, this is just a text file\n", "looks like text"),
+        (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "HTML page"),
+        (b'{"error": "nope"}', "JSON"),
+        (b"", "empty"),
+        (b"BM" + b"\x00" * 60, "BMP"),
+        (b"\x00\x01\x02\x03\xff\xfe", "starts with bytes"),
+    ],
+)
+def test_non_images_are_named(data: bytes, hint: str) -> None:
+    with pytest.raises(InvalidRequestError) as exc:
+        images.sniff(data, "file notes.txt")
+    assert "file notes.txt is not an image (PNG, JPEG, WebP or GIF)" in str(exc.value)
+    assert hint in str(exc.value)
+
+
+def test_header_bomb_refused_without_warning() -> None:
+    data = png_claiming(100_000, 100_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            InvalidRequestError, match=r"has 10000 megapixels \(100000x100000\), more than the 64 allowed"
+        ):
+            images.sniff(data, "bomb.png")
+        # Between Pillow's warning and error thresholds: still our error, never Pillow's warning.
+        with pytest.raises(InvalidRequestError, match="megapixels"):
+            images.sniff(png_claiming(10_000, 9_000), "bomb.png", verify=False)
+        with pytest.raises(InvalidRequestError, match="megapixels"):
+            images.make_preview(data)
+
+
+def test_real_compressed_bomb_is_refused_fast() -> None:
+    # 81 megapixels of one colour: a small file that would take ~250 MB once decoded as RGBA.
+    data = encode(Image.new("1", (9000, 9000), 0), "PNG")
+    assert len(data) < 200_000
+    with pytest.raises(InvalidRequestError, match="megapixels"):
+        images.sniff(data, "bomb")
+
+
+def test_jpeg_header_bomb() -> None:
+    data = bytearray(encode(Image.new("RGB", (16, 16)), "JPEG"))
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC2):  # find the frame header and enlarge it
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    data[i + 5 : i + 9] = struct.pack(">HH", 60000, 60000)
+    with pytest.raises(InvalidRequestError, match="megapixels"):
+        images.sniff(bytes(data), "big.jpg")
+
+
+# --- previews -----------------------------------------------------------------------------------
+
+
+def test_preview_of_big_photo_stays_in_budget() -> None:
+    data = photo_like(4096, 4096, "JPEG", quality=95)
+    assert len(data) > 5_000_000
+    out, mime = images.make_preview(data)
+    assert mime == "image/webp"
+    assert len(out) <= 200_000
+    im = Image.open(io.BytesIO(out))
+    assert max(im.size) == 512
+
+
+def test_preview_lowers_quality_to_meet_a_tight_budget() -> None:
+    data = photo_like(1024, 768)
+    out, _ = images.make_preview(data, max_px=384, max_bytes=6_000)
+    assert len(out) <= 6_000
+    assert Image.open(io.BytesIO(out)).size[0] <= 384
+
+
+def test_preview_keeps_transparency_and_aspect() -> None:
+    im = Image.new("RGBA", (1000, 400), (255, 0, 0, 255))
+    im.paste((0, 0, 0, 0), (0, 0, 500, 400))
+    out, mime = images.make_preview(encode(im, "PNG"), max_px=256)
+    p = Image.open(io.BytesIO(out))
+    assert p.size == (256, 102)
+    assert p.mode == "RGBA"
+    assert p.getpixel((10, 50))[3] == 0 and p.getpixel((250, 50))[3] == 255
+
+
+def test_preview_of_small_image_is_not_enlarged() -> None:
+    out, _ = images.make_preview(encode(Image.new("RGB", (40, 30), "blue"), "GIF"))
+    assert Image.open(io.BytesIO(out)).size == (40, 30)
+
+
+# --- fitting ------------------------------------------------------------------------------------
+
+
+def test_fit_image_untouched_when_it_already_fits() -> None:
+    data = photo_like(64, 64)
+    assert images.fit_image(data, 1 << 20, ["image/png", "image/jpeg"]) == (data, "image/png", None)
+
+
+def test_fit_image_shrinks_png_to_cap_and_says_so() -> None:
+    data = photo_like(2048, 1536, compress_level=1)
+    cap = 4 * 1024 * 1024
+    assert len(data) > cap
+    out, mime, note = images.fit_image(data, cap, ["image/png", "image/jpeg", "image/webp"], source="input photo.png")
+    assert mime == "image/png" and len(out) <= cap
+    w, h = Image.open(io.BytesIO(out)).size
+    assert w < 2048 and abs(w / h - 2048 / 1536) < 0.01
+    assert note is not None
+    assert note.startswith("input photo.png was PNG 2048x1536 (")
+    assert f"re-encoded as PNG {w}x{h}" in note and "to fit the gateway's 4 MB cap" in note
+
+
+def test_fit_image_lossy_lowers_quality_first() -> None:
+    data = photo_like(1024, 1024, "JPEG", quality=98)
+    out, mime, note = images.fit_image(data, len(data) // 2, ["jpeg", "png"])
+    assert mime == "image/jpeg" and len(out) <= len(data) // 2
+    assert Image.open(io.BytesIO(out)).size == (1024, 1024)  # quality went down, not resolution
+    assert note and "JPEG 1024x1024" in note
+
+
+def test_fit_image_converts_disallowed_format() -> None:
+    data = encode(Image.new("RGB", (50, 40), "green").convert("P"), "GIF")
+    out, mime, note = images.fit_image(data, 1 << 20, ["image/png", "image/jpeg"])
+    assert mime == "image/png" and images.sniff(out) == ("image/png", 50, 40)
+    assert note and "takes only PNG, JPEG" in note
+
+
+def test_fit_image_square_crop_keeps_alpha() -> None:
+    im = Image.new("RGBA", (300, 200), (0, 0, 255, 255))
+    im.paste((0, 0, 0, 0), (140, 90, 160, 110))  # a transparent spot in the centre
+    out, mime, note = images.fit_image(encode(im, "PNG"), 1 << 20, ["image/png"], square=True)
+    sq = Image.open(io.BytesIO(out))
+    assert sq.size == (200, 200) and sq.mode == "RGBA"
+    assert sq.getpixel((100, 100))[3] == 0 and sq.getpixel((5, 5))[3] == 255
+    assert note and "square" in note
+
+
+def test_downscale_to_fit() -> None:
+    small = photo_like(64, 64)
+    assert images.downscale_to_fit(small, 1 << 20) == (small, "image/png", 64, 64)
+    big = photo_like(2048, 1536, compress_level=1)
+    out, mime, w, h = images.downscale_to_fit(big, 300_000)
+    assert len(out) <= 300_000 and mime == "image/webp"
+    assert images.sniff(out) == (mime, w, h) and abs(w / h - 4 / 3) < 0.01
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+def alpha_mask(size: tuple[int, int], hole: tuple[int, int, int, int]) -> bytes:
+    """OpenAI style: opaque everywhere, transparent where the image should change."""
+    im = Image.new("RGBA", size, (0, 0, 0, 255))
+    im.paste((0, 0, 0, 0), hole)
+    return encode(im, "PNG")
+
+
+def white_mask(size: tuple[int, int], hole: tuple[int, int, int, int]) -> bytes:
+    im = Image.new("L", size, 0)
+    im.paste(255, hole)
+    return encode(im, "PNG")
+
+
+def expected_region(size: tuple[int, int], hole: tuple[int, int, int, int]) -> Image.Image:
+    im = Image.new("L", size, 0)
+    im.paste(255, hole)
+    return im
+
+
+def same(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and ImageChops.difference(a, b).getbbox() is None
+
+
+def test_mask_region_reads_both_conventions() -> None:
+    hole = (10, 20, 40, 50)
+    want = expected_region((64, 64), hole)
+    assert same(images.mask_region(alpha_mask((64, 64), hole), 64, 64), want)
+    assert same(images.mask_region(white_mask((64, 64), hole), 64, 64), want)
+
+
+def test_mask_region_opaque_rgba_is_read_by_whiteness() -> None:
+    im = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    im.paste((255, 255, 255, 255), (0, 0, 16, 32))
+    assert same(images.mask_region(encode(im, "PNG"), 32, 32), expected_region((32, 32), (0, 0, 16, 32)))
+
+
+def test_alpha_mask_to_white_and_back() -> None:
+    hole = (8, 8, 24, 40)
+    white = images.convert_mask(alpha_mask((32, 48), hole), width=64, height=96, semantics="white")
+    w = Image.open(io.BytesIO(white))
+    assert w.size == (64, 96) and w.mode == "L"
+    assert same(w, expected_region((64, 96), (16, 16, 48, 80)))  # scaled 2x with NEAREST
+
+    back = images.convert_mask(white, width=64, height=96, semantics="transparent")
+    t = Image.open(io.BytesIO(back))
+    assert t.mode == "RGBA"
+    assert t.getpixel((30, 30))[3] == 0 and t.getpixel((2, 2))[3] == 255
+    assert same(t.getchannel("A"), ImageChops.invert(expected_region((64, 96), (16, 16, 48, 80))))
+    assert t.getchannel("A").getextrema() == (0, 255)
+    assert t.getchannel("A").histogram().count(0) == 254  # only the values 0 and 255 occur
+
+
+def test_white_mask_to_transparent_and_back() -> None:
+    hole = (0, 0, 10, 10)
+    t = images.convert_mask(white_mask((20, 20), hole), width=20, height=20, semantics="transparent")
+    again = images.convert_mask(t, width=20, height=20, semantics="white")
+    assert same(Image.open(io.BytesIO(again)), expected_region((20, 20), hole))
+
+
+# --- encoding, data URLs, base64 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "gif", "image/jpeg", "JPG"])
+def test_encode_as_handles_modes(fmt: str) -> None:
+    out = images.encode_as(Image.new("RGBA", (9, 7), (1, 2, 3, 128)), fmt)
+    assert images.sniff(out) == (images.normalize_format(fmt), 9, 7)
+
+
+def test_data_url_round_trip_and_tolerance() -> None:
+    data = photo_like(8, 8)
+    url = images.to_data_url(data, "image/png")
+    assert url.startswith("data:image/png;base64,")
+    assert images.parse_data_url(url) == (data, "image/png")
+    b64 = base64.b64encode(data).decode()
+    messy = "DATA:Image/PNG;charset=x;base64," + "\n".join(b64[i : i + 60] for i in range(0, len(b64), 60)).rstrip("=")
+    assert images.parse_data_url(messy) == (data, "image/png")
+    assert images.parse_data_url("data:;base64," + b64)[1] == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    ("url", "msg"),
+    [
+        ("image/png;base64,AAAA", "must start with 'data:'"),
+        ("data:image/png;base64", "no ','"),
+        ("data:image/png,AAAA", "must be base64-encoded"),
+        ("data:image png;base64,AAAA", "malformed header"),
+        ("data:image/png;base64,", "is empty"),
+        ("data:image/png;base64,AA*A", "not valid base64"),
+        ("data:image/png;base64,A", "not valid base64"),
+        ("data:image/png;base64,AA==AA", "not valid base64"),
+    ],
+)
+def test_malformed_data_urls(url: str, msg: str) -> None:
+    with pytest.raises(InvalidRequestError, match=msg):
+        images.parse_data_url(url)
+
+
+def test_decode_base64_variants() -> None:
+    raw = bytes(range(256)) * 3
+    std = base64.b64encode(raw).decode()
+    assert images.decode_base64(std) == raw
+    assert images.decode_base64(std.rstrip("=")) == raw
+    assert images.decode_base64(" \n".join([std[:100], std[100:]])) == raw
+    assert images.decode_base64(base64.urlsafe_b64encode(raw).decode()) == raw
+    with pytest.raises(InvalidRequestError, match="image 2 is not valid base64"):
+        images.decode_base64("héllo", "image 2")
+    with pytest.raises(InvalidRequestError, match="more than"):
+        images.decode_base64(base64.b64encode(b"x" * 2000).decode(), max_bytes=1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_parse_data_url_only_raises_invalid_request(text: str) -> None:
+    for candidate in (text, "data:" + text, "data:image/png;base64," + text):
+        try:
+            data, mime = images.parse_data_url(candidate)
+        except InvalidRequestError:
+            continue
+        assert isinstance(data, bytes) and data and isinstance(mime, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_decode_base64_only_raises_invalid_request(text: str) -> None:
+    try:
+        assert isinstance(images.decode_base64(text), bytes)
+    except InvalidRequestError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=300), st.lists(st.integers(0, 400), max_size=5), st.booleans())
+def test_decode_base64_round_trips_with_noise(raw: bytes, cuts: list[int], strip: bool) -> None:
+    text = base64.b64encode(raw).decode()
+    if strip:
+        text = text.rstrip("=")
+    for c in sorted(cuts, reverse=True):
+        text = text[:c] + "\n " + text[c:]
+    assert images.decode_base64(text) == raw
