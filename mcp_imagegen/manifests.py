@@ -20,6 +20,21 @@ from .errors import ManifestError
 from .models import CANONICAL_KNOBS, Capability
 
 
+# What `error_codes` may map a gateway's code or type to (the `kind` of an errors.py class).
+ERROR_KINDS: tuple[str, ...] = (
+    "invalid_request",
+    "authentication",
+    "insufficient_balance",
+    "rate_limited",
+    "quota_exhausted",
+    "content_blocked",
+    "model_not_found",
+    "gateway_failure",
+    "gateway_timeout",
+    "bad_gateway_response",
+)
+
+
 class _Strict(BaseModel):
     # Unknown keys are typos in a manifest; refuse them so they are found at load time.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -96,6 +111,7 @@ class ModelSpec(_Strict):
     sizes: list[str] | None = None  # None: any WxH within max_dimension
     default_size: str | None = None
     max_dimension: int | None = None
+    min_dimension: int | None = None  # with sizes None: the smallest side a WxH may have
     max_n: int = 1
     max_prompt_chars: int | None = None
     max_input_images: int = 1
@@ -143,6 +159,9 @@ class Manifest(_Strict):
                     raise ValueError(f"models[{m.id}].knobs: {knob!r} is not defined in params")
             if ("edit" in m.capabilities) and "edit" not in self.operations and self.transport == "http":
                 raise ValueError(f"models[{m.id}]: can edit but operations.edit is missing")
+        for code, kind in self.error_codes.items():
+            if kind not in ERROR_KINDS:
+                raise ValueError(f"error_codes.{code}: {kind!r} is not one of {', '.join(ERROR_KINDS)}")
         if self.default_model and self.default_model not in ids:
             raise ValueError(f"default_model: {self.default_model!r} is not among models")
         return self
