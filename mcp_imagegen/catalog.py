@@ -54,6 +54,10 @@ class ModelCatalog:
 
     # --- what each endpoint serves ------------------------------------------------------------
 
+    def specs(self, endpoint: EndpointConfig) -> list[ModelSpec]:
+        """The models this endpoint serves, as far as is known now."""
+        return list(self._specs(endpoint).values())
+
     def _specs(self, endpoint: EndpointConfig) -> dict[str, ModelSpec]:
         manifest = load_manifest(endpoint.provider)
         specs = {m.id: m for m in manifest.models}

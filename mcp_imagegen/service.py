@@ -272,7 +272,13 @@ class ImageService:
     async def _on_route(self, job: Job, route: Route) -> GenerationResult:
         request = job.request
         job.route = route
-        prepared = checks.prepare(request, route.manifest, route.model)
+        prepared = checks.prepare(
+            request,
+            route.manifest,
+            route.model,
+            endpoint=route.endpoint.name,
+            endpoint_models=self._catalog.specs(route.endpoint),
+        )
         job.warnings.extend(prepared.warnings)
         total = sum(prepared.batches)
         await job._report(0, total, f"sending to {route.endpoint.name} ({route.model.id})")
@@ -401,12 +407,16 @@ class ImageService:
         mask_bytes = None
         if request.mask is not None:
             first = fitted[0]
+            mask_source = request.mask.data
+            if route.model.edit_square:
+                # The image was centre-cropped to a square; crop the mask the same way so the
+                # area to change stays where the caller painted it.
+                mask_source = await anyio.to_thread.run_sync(
+                    lambda: images.fit_image(mask_source, images.MAX_INPUT_BYTES, ["image/png"], square=True)[0]
+                )
             mask_bytes = await anyio.to_thread.run_sync(
                 lambda: images.convert_mask(
-                    request.mask.data,  # type: ignore[union-attr]
-                    width=first.width,
-                    height=first.height,
-                    semantics=prepared.mask_semantics,
+                    mask_source, width=first.width, height=first.height, semantics=prepared.mask_semantics
                 )
             )
         return fitted, mask_bytes
