@@ -94,12 +94,12 @@ def _check_size(
                 f"size {asked!r} is not available for {model.id}{where}; allowed sizes: {', '.join(model.sizes)}"
             )
         return normal
-    low = model.min_dimension or 1
-    if width < low or height < low:
-        raise InvalidRequestError(f"size {normal} is too small for {model.id}: each side must be at least {low} px")
-    if model.max_dimension is not None and max(width, height) > model.max_dimension:
+    low, high = model.min_dimension or 1, model.max_dimension
+    too_small, too_large = min(width, height) < low, high is not None and max(width, height) > high
+    if too_small or too_large:
+        bounds = f"from {low} to {high} px" if high is not None else f"at least {low} px"
         raise InvalidRequestError(
-            f"size {normal} is too large for {model.id}: each side must be at most {model.max_dimension} px"
+            f"size {normal} is not available for {model.id}{where}: each side must be {bounds}"
         )
     return normal
 

@@ -149,9 +149,9 @@ def test_size_normalised() -> None:
 
 def test_size_free_within_dimensions() -> None:
     assert prep("offline", "offline", gen(size="4096x16")).size == "4096x16"
-    with pytest.raises(InvalidRequestError, match="at most 4096"):
+    with pytest.raises(InvalidRequestError, match="from 16 to 4096 px"):
         prep("offline", "offline", gen(size="4097x100"))
-    with pytest.raises(InvalidRequestError, match="at least 16"):
+    with pytest.raises(InvalidRequestError, match="from 16 to 4096 px"):
         prep("offline", "offline", gen(size="8x8"))
 
 
