@@ -116,7 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, [*secrets, *([token] if token else [])])
 
     if command == "serve":
-        return _serve(settings, args, token)
+        try:
+            return _serve(settings, args, token)
+        except ImageGenError as exc:  # e.g. a public bind without a token
+            print(f"mcp-imagegen: {exc.message}", file=sys.stderr)
+            return 2
     if command == "doctor":
         from .doctor import run_doctor
 

@@ -120,3 +120,10 @@ def test_bad_configuration_is_reported_with_the_file(tmp_path: Path) -> None:
 def test_version_and_help(argv: list[str]) -> None:
     done = cli(*argv)
     assert done.returncode == 0 and "mcp-imagegen" in done.stdout
+
+
+def test_public_bind_without_a_token_is_refused_cleanly() -> None:
+    done = cli("serve", "--transport", "http", "--host", "0.0.0.0", "--port", "0", timeout=30)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "token" in done.stderr.lower()

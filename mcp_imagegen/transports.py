@@ -1,0 +1,309 @@
+"""Serving the MCP server: stdio, streamable HTTP (`/mcp`) and legacy SSE (`/sse`).
+
+- stdio: stdout carries only the protocol; the SDK diverts file descriptor 1 to stderr while it
+  serves, so a stray print cannot corrupt the stream, and every log line goes to stderr.
+- streamable HTTP: SSE-framed responses (not `json_response`), so progress notifications reach the
+  client; `stateless=True` for replicas behind a load balancer (no session affinity needed).
+- legacy SSE: GET `/sse` plus POST `/messages/`.
+
+Both network transports: DNS-rebinding protection (Host and Origin checked) on loopback binds; a
+bearer token checked in constant time on every request when one is set (401 with
+`WWW-Authenticate: Bearer` otherwise); a refusal to serve a non-loopback address without a token
+unless `allow_unauthenticated`; request bodies up to `settings.max_request_body_mb` (413 beyond),
+since `edit_image` arguments can carry base64 images. The image service is made and entered once
+per app in the ASGI lifespan, so background jobs outlive the requests and sessions that started them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .config import Settings
+from .errors import ConfigError
+
+log = logging.getLogger("mcp_imagegen.transports")
+
+MCP_PATH = "/mcp"
+SSE_PATH = "/sse"
+MESSAGES_PATH = "/messages/"
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, auth_token: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve a non-loopback address without a token, unless explicitly allowed."""
+    if auth_token is not None and not auth_token.strip():
+        raise ConfigError("the auth token is empty; give a non-empty token or none")
+    if auth_token or is_loopback(host) or allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"refusing to serve {host!r} without authentication: anyone who can reach this address could "
+        "spend your image credits. Set --auth-token TOKEN (or MCP_IMAGEGEN_AUTH_TOKEN), bind to 127.0.0.1, "
+        "or pass --allow-unauthenticated if an authenticating proxy guards the server."
+    )
+
+
+def transport_security(host: str, port: int) -> TransportSecuritySettings | None:
+    """DNS-rebinding protection for loopback binds: only local Host and Origin headers pass.
+
+    Non-loopback binds are reached under names this process cannot know; there the bearer token
+    (which a rebinding page does not have) is the guard.
+    """
+    if not is_loopback(host):
+        return None
+    p = str(port) if port else "*"
+    hosts = ["127.0.0.1", "localhost", "[::1]"]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{h}:{p}" for h in hosts],
+        allowed_origins=[f"{scheme}://{h}:{p}" for scheme in ("http", "https") for h in hosts],
+    )
+
+
+class BearerAuthMiddleware:
+    """Requires `Authorization: Bearer TOKEN` on every HTTP request (constant-time compare)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        given = credentials.strip().encode()
+        if scheme.lower() == "bearer" and given and hmac.compare_digest(given, self._token):
+            await self.app(scope, receive, send)
+            return
+        error = "invalid_token" if header else "missing_token"
+        challenge = 'Bearer realm="mcp-imagegen"' + (', error="invalid_token"' if header else "")
+        response = JSONResponse(
+            {"error": error, "error_description": "send 'Authorization: Bearer <token>' with the server's auth token"},
+            status_code=401,
+            headers={"WWW-Authenticate": challenge},
+        )
+        await response(scope, receive, send)
+
+
+def _max_body(settings: Settings) -> int:
+    return settings.max_request_body_mb * 1024 * 1024
+
+
+def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: str | None) -> Starlette:
+    """Enter the service around the app's own lifespan, and guard every request with the token."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with service, inner(a) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+    if auth_token:
+        app.add_middleware(BearerAuthMiddleware, token=auth_token)
+    return app
+
+
+# --- ASGI apps ---------------------------------------------------------------------------------
+
+
+def http_app(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    auth_token: str | None = None,
+    stateless: bool = False,
+    allow_unauthenticated: bool = False,
+    service: Any | None = None,
+) -> Starlette:
+    """Streamable HTTP at /mcp, with SSE-framed responses so progress notifications flow."""
+    from .server import build_server
+    from .service import ImageService
+
+    check_bind(host, auth_token, allow_unauthenticated)
+    service = service or ImageService(settings)
+    server = build_server(settings, service)
+    app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        json_response=False,
+        stateless_http=stateless,
+        max_request_body_size=_max_body(settings),
+        transport_security=transport_security(host, port),
+        host=host,
+    )
+    return _with_service(app, settings, service, auth_token)
+
+
+def sse_app(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    auth_token: str | None = None,
+    allow_unauthenticated: bool = False,
+    service: Any | None = None,
+) -> Starlette:
+    """Legacy SSE: GET /sse opens the stream, POST /messages/?session_id=... carries requests."""
+    from .server import build_server
+    from .service import ImageService
+
+    check_bind(host, auth_token, allow_unauthenticated)
+    service = service or ImageService(settings)
+    server = build_server(settings, service)
+    app = server.sse_app(
+        sse_path=SSE_PATH,
+        message_path=MESSAGES_PATH,
+        max_request_body_size=_max_body(settings),
+        transport_security=transport_security(host, port),
+        host=host,
+    )
+    return _with_service(app, settings, service, auth_token)
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """Uvicorn's logging with the access log on stderr too (its default puts it on stdout)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config.get("handlers", {}).values():
+        if handler.get("stream") == "ext://sys.stdout":
+            handler["stream"] = "ext://sys.stderr"
+    return config
+
+
+async def _serve_uvicorn(app: Starlette, host: str, port: int) -> None:
+    try:
+        import uvicorn
+    except ImportError:  # pragma: no cover - uvicorn comes with the SDK's HTTP extras
+        raise ConfigError("the HTTP transports need uvicorn: pip install uvicorn") from None
+    level = logging.getLogger("mcp_imagegen").getEffectiveLevel()
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=uvicorn_log_config(),
+        log_level="info" if level <= logging.INFO else "warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    await uvicorn.Server(config).serve()
+
+
+async def serve_stdio(settings: Settings) -> None:
+    from .server import build_server
+
+    server = build_server(settings)
+    await server.run_stdio_async()
+
+
+async def serve_http(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    auth_token: str | None = None,
+    stateless: bool = False,
+    allow_unauthenticated: bool = False,
+) -> None:
+    app = http_app(
+        settings,
+        host=host,
+        port=port,
+        auth_token=auth_token,
+        stateless=stateless,
+        allow_unauthenticated=allow_unauthenticated,
+    )
+    log.info("serving streamable HTTP on http://%s:%d%s", host, port, MCP_PATH)
+    await _serve_uvicorn(app, host, port)
+
+
+async def serve_sse(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    auth_token: str | None = None,
+    allow_unauthenticated: bool = False,
+) -> None:
+    app = sse_app(
+        settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated
+    )
+    log.info("serving legacy SSE on http://%s:%d%s", host, port, SSE_PATH)
+    await _serve_uvicorn(app, host, port)
+
+
+def _run(main: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        anyio.run(lambda: main(*args, **kwargs))
+    except KeyboardInterrupt:
+        pass
+
+
+def run_stdio(settings: Settings) -> None:
+    """Serve MCP over stdin/stdout until the client closes stdin."""
+    _run(serve_stdio, settings)
+
+
+def run_http(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    auth_token: str | None = None,
+    stateless: bool = False,
+    allow_unauthenticated: bool = False,
+) -> None:
+    """Serve streamable HTTP at http://HOST:PORT/mcp. Raises ConfigError for an unsafe bind."""
+    check_bind(host, auth_token, allow_unauthenticated)
+    _run(
+        serve_http,
+        settings,
+        host=host,
+        port=port,
+        auth_token=auth_token,
+        stateless=stateless,
+        allow_unauthenticated=allow_unauthenticated,
+    )
+
+
+def run_sse(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    auth_token: str | None = None,
+    allow_unauthenticated: bool = False,
+) -> None:
+    """Serve legacy SSE at http://HOST:PORT/sse. Raises ConfigError for an unsafe bind."""
+    check_bind(host, auth_token, allow_unauthenticated)
+    _run(serve_sse, settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated)
