@@ -1,0 +1,1 @@
+"""Benchmark suite of mcp-imagegen: `python -m bench` (see bench/README.md)."""

@@ -1,0 +1,277 @@
+"""Concurrency: N concurrent `generate_image` calls against an emulator that takes 1 s per answer,
+vs the same N direct parallel httpx2 calls (POST, base64-decode, write) to the same emulator.
+
+Over streamable HTTP all N calls share one client session (one `Client`, one httpx2 pool: an
+agent host multiplexes its tool calls this way); over stdio they necessarily share the one pipe.
+The value is the wall time of the whole batch (median over rounds); 1.0x would mean the server
+adds nothing to the slowest call.
+
+While the HTTP batches run, `bench/probe.py` (its own process) sends a cheap MCP request every
+10 ms to the same server; its longest round trip during the MCP batches minus its idle median
+estimates the longest event-loop stall in the server (see probe.py). Stdio has one client by
+construction, so it gets no probe.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from mcp import Client
+
+from .harness import (
+    PYTHON,
+    REGISTRY,
+    REPO_ROOT,
+    BenchContext,
+    Budget,
+    EndpointSpec,
+    ImageKind,
+    LineReader,
+    Metric,
+    RatioMetric,
+    Target,
+    call_generate,
+    http_session,
+    imagegen_stdio_args,
+    median,
+    p,
+    start_http_server,
+    stdio_server,
+)
+
+NAME = "concurrency"
+LATENCY_S = 1.0
+PROBE_INTERVAL_S = 0.01
+PROBE_IDLE_S = 1.0
+BATCH_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    transport: str  # "http" | "stdio"
+    n: int
+    kind: ImageKind
+    target_ratio: float | None
+    full_only: bool = False
+    rounds: int | None = None  # None: the run's default (1 quick, 3 full)
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}x {self.kind} over {self.transport}"
+
+
+SCENARIOS = (
+    Scenario("http", 8, "photo", 1.1),
+    Scenario("http", 64, "flat", 1.2),
+    Scenario("stdio", 8, "photo", 1.1),
+    Scenario("http", 8, "flat", None, full_only=True),
+    Scenario("http", 64, "photo", None, full_only=True, rounds=1),  # ~20 s: 200 MB of base64 each way
+)
+
+
+@dataclass
+class Windows:
+    """Time windows (CLOCK_MONOTONIC) of each scenario's MCP and direct batches."""
+
+    mcp: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    direct: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+
+async def _batch(n: int, call: Callable[[], Coroutine[Any, Any, object]]) -> tuple[float, float, float]:
+    """Run `call` n times concurrently; (seconds, start, end) on the monotonic clock."""
+    start = time.monotonic()
+    with anyio.fail_after(BATCH_TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(call)
+    end = time.monotonic()
+    return end - start, start, end
+
+
+class Probe:
+    def __init__(self, url: str, log_path: str) -> None:
+        self._err = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = REGISTRY.spawn(
+            [PYTHON, "-m", "bench.probe", url, "--interval", str(PROBE_INTERVAL_S), "--max-seconds", "400"],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+        )
+        assert self.proc.stdout is not None
+        self.reader = LineReader(self.proc.stdout)
+        self.reader.wait_for(lambda s: s == "READY", 60, alive=lambda: self.proc.poll() is None)
+
+    def stop(self) -> list[tuple[float, float]]:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+            line = self.reader.wait_for(lambda s: s.startswith("{"), 30, alive=lambda: self.proc.poll() is None)
+            return [(float(a), float(b)) for a, b in json.loads(line)["samples"]]
+        finally:
+            REGISTRY.kill(self.proc)
+            self._err.close()
+
+
+def _in(windows: list[tuple[float, float]], t: float) -> bool:
+    return any(a <= t <= b for a, b in windows)
+
+
+async def run(ctx: BenchContext) -> list[Metric]:
+    rounds = 1 if ctx.quick else 3
+    budget = Budget(60 if ctx.quick else 200)
+    scenarios = [s for s in SCENARIOS if not (s.full_only and ctx.quick)]
+    photo = ctx.emulators.get("photo", LATENCY_S)
+    flat = ctx.emulators.get("flat", LATENCY_S)
+    urls = {"photo": photo.base_url, "flat": flat.base_url}
+    config = ctx.config(
+        "concurrency",
+        [
+            EndpointSpec("photo", photo.base_url, max_concurrency=64),
+            EndpointSpec("flat", flat.base_url, max_concurrency=64),
+        ],
+    )
+    server = start_http_server(config, ctx.api_key, ctx.workdir)
+    ctx.log(f"concurrency: HTTP server at {server.url} (pid {server.pid})")
+    results: dict[str, tuple[list[float], list[float]]] = {}
+    windows = Windows()
+    probe: Probe | None = None
+    samples: list[tuple[float, float]] = []
+    probe_error = ""
+    direct = ctx.direct()
+    try:
+        try:
+            probe = Probe(server.url, str(ctx.workdir / "probe.stderr.log"))
+        except (TimeoutError, RuntimeError) as exc:
+            probe_error = f"probe did not start: {exc}"
+            ctx.log(probe_error)
+        probe_started = time.monotonic()
+        await anyio.sleep(PROBE_IDLE_S)  # idle samples: the server has nothing else to do
+        idle_until = time.monotonic()
+
+        async def measure(s: Scenario, client: Client) -> None:
+            mcp_times: list[float] = []
+            direct_times: list[float] = []
+
+            async def one_mcp() -> None:
+                await call_generate(client, s.kind, 1)
+
+            async def one_direct() -> None:
+                await direct.generate(urls[s.kind], 1)
+
+            await _batch(s.n, one_mcp)  # warm-up: connections to the gateway, lazy imports
+            if not ctx.quick:
+                await _batch(s.n, one_direct)
+            for _ in range(s.rounds or rounds):
+                if budget.expired and mcp_times:
+                    break
+                secs, a, b = await _batch(s.n, one_mcp)
+                mcp_times.append(secs)
+                windows.mcp.setdefault(s.label, []).append((a, b))
+                secs, a, b = await _batch(s.n, one_direct)
+                direct_times.append(secs)
+                windows.direct.setdefault(s.label, []).append((a, b))
+                ctx.clear_images()
+            results[s.label] = (mcp_times, direct_times)
+            ctx.log(
+                f"concurrency {s.label}: mcp {[round(x, 2) for x in mcp_times]} s, "
+                f"direct {[round(x, 2) for x in direct_times]} s"
+            )
+
+        async with http_session(server.url) as client:
+            for s in scenarios:
+                if s.transport == "http":
+                    await measure(s, client)
+        if probe is not None:
+            samples = probe.stop()
+            probe = None
+        with ctx.errlog("concurrency-stdio") as errlog:
+            async with stdio_server(imagegen_stdio_args(), ctx.stdio_env(config), errlog) as stdio:
+                for s in scenarios:
+                    if s.transport == "stdio":
+                        await measure(s, stdio.client)
+    finally:
+        if probe is not None:
+            probe.stop()
+        await direct.aclose()
+        REGISTRY.kill(server.proc)
+        ctx.clear_images()
+
+    metrics: list[Metric] = []
+    for s in scenarios:
+        if s.label not in results:
+            continue
+        mcp_times, direct_times = results[s.label]
+        session = "one shared session" if s.transport == "http" else "one stdio session"
+        metrics.append(
+            Metric(
+                f"concurrency {s.label}",
+                median(mcp_times),
+                "s",
+                baseline=median(direct_times),
+                baseline_label=f"{s.n} direct parallel httpx2",
+                target=None if s.target_ratio is None else Target("ratio", s.target_ratio),
+                notes=f"emulator latency {LATENCY_S:g}s; {session}; batch wall time, median of {len(mcp_times)}",
+                details={"mcp_s": mcp_times, "direct_s": direct_times},
+            )
+        )
+    metrics += _loop_metrics(scenarios, samples, windows, probe_started, idle_until, probe_error)
+    return metrics
+
+
+def _loop_metrics(
+    scenarios: list[Scenario],
+    samples: list[tuple[float, float]],
+    windows: Windows,
+    idle_from: float,
+    idle_until: float,
+    error: str,
+) -> list[Metric]:
+    idle = [lat for t, lat in samples if idle_from <= t <= idle_until]
+    out: list[Metric] = []
+    for s in scenarios:
+        if s.transport != "http":
+            continue
+        name = f"event-loop stall during {s.label}"
+        if not samples or not idle:
+            out.append(Metric(name, None, "ms", error=error or "the probe recorded no samples"))
+            continue
+        during = [lat for t, lat in samples if _in(windows.mcp.get(s.label, []), t)]
+        during_direct = [lat for t, lat in samples if _in(windows.direct.get(s.label, []), t)]
+        idle_med = median(idle)
+        if not during:
+            out.append(Metric(name, None, "ms", error="no probe sample fell inside the MCP batches"))
+            continue
+        stall = (max(during) - idle_med) * 1000
+        out.append(
+            RatioMetric(
+                name,
+                stall,
+                "ms",
+                baseline=idle_med * 1000,
+                baseline_label="probe idle median",
+                notes=(
+                    f"list_tools every {PROBE_INTERVAL_S * 1000:g} ms from another process: max {max(during) * 1000:.0f}"
+                    f" ms, p99 {p(during, 0.99) * 1000:.0f} ms over {len(during)} probes minus idle median; "
+                    f"max while only the direct calls ran (server idle, machine busy): "
+                    f"{(max(during_direct) * 1000 if during_direct else float('nan')):.0f} ms"
+                ),
+                details={
+                    "probe_max_ms": max(during) * 1000,
+                    "probe_p99_ms": p(during, 0.99) * 1000,
+                    "probe_p50_ms": median(during) * 1000,
+                    "probes": len(during),
+                    "idle_median_ms": idle_med * 1000,
+                    "idle_samples": len(idle),
+                    "direct_window_max_ms": max(during_direct) * 1000 if during_direct else None,
+                },
+            )
+        )
+    return out
