@@ -171,7 +171,7 @@ async def _run_work(command: str, settings: Any, args: argparse.Namespace) -> in
 
     if command != "models" and args.out:
         settings = settings.model_copy(update={"output_dir": Path(args.out).expanduser()})
-    async with ImageService(settings) as service:
+    async with ImageService(settings, previews=False) as service:
         if command == "models":
             return await _models(service, args)
         images, mask = [], None

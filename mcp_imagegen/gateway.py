@@ -45,6 +45,7 @@ from .errors import (
 )
 from .manifests import Manifest
 from .models import WireResult
+from .work import in_worker
 
 log = logging.getLogger("mcp_imagegen.gateway")
 T = TypeVar("T")
@@ -53,6 +54,7 @@ MAX_BODY_BYTES = 128 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 1024 * 1024  # error bodies are messages; keep the start of a huge one
 CONNECT_TIMEOUT_S = 10.0
 FETCH_TIMEOUT_S = 120.0
+INLINE_DECODE_BYTES = 256 * 1024  # larger answers are parsed in a worker thread
 USER_AGENT = "mcp-imagegen"
 
 
@@ -355,7 +357,8 @@ class GatewayClient:
                             files=files,
                         )
                     status, nbytes = answer.status, len(answer.body)
-                    result = handle(answer)
+                    # Parsing megabytes of JSON (base64 images) would stall the event loop.
+                    result = await in_worker(lambda: handle(answer)) if nbytes > INLINE_DECODE_BYTES else handle(answer)
                     outcome = "ok"
                     return result
                 except _Failure as failure:

@@ -24,24 +24,19 @@ import anyio.to_thread
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, Field
 
+from .limits import MIN_PREVIEW_BYTES, PREVIEW_MAX_BYTES, PREVIEWS_TOTAL_BYTES, RESULT_CAP_BYTES
 from .models import GenerationResult, ImageRecord, ModelInfo, SavedImage
+from .work import in_worker
 
 log = logging.getLogger("mcp_imagegen.results")
 
 # Claude Desktop rejects results over 1 MiB; stay well below it, with room for the JSON-RPC
 # envelope and whatever a transport adds.
-RESULT_CAP_BYTES = 900_000
-PREVIEW_MAX_BYTES = 200_000  # one preview never needs more
-# Claude Code counts image blocks against MAX_MCP_OUTPUT_TOKENS (25,000 by default) and has
-# estimated them from the base64 length (about 4 characters a token): all previews of one result
-# together stay near 85,000 base64 characters. An explicit inline_full is not held to this.
-PREVIEWS_TOTAL_BYTES = 64_000
-MIN_PREVIEW_BYTES = 10_000  # below this a preview is not worth showing: leave it out instead
 BLOCK_OVERHEAD = 160  # JSON of an image block around its base64 data
 RESERVE_BYTES = 4_000  # warnings added after measuring, and slack
-PREVIEW_WORKERS = 4  # previews made at once (Pillow releases the GIL while it works)
 
 ReadBytes = Callable[[str], tuple[bytes, str]]  # image id -> (bytes, mime type)
+CachedPreview = Callable[[str], "tuple[bytes, str] | None"]  # image id -> preview made on arrival
 
 
 # --- the structured result (outputSchema) ---------------------------------------------------------
@@ -141,6 +136,7 @@ async def build_image_result(
     images: Sequence[SavedImage],
     *,
     read_bytes: ReadBytes,
+    cached: CachedPreview | None = None,
     status: Literal["done", "running"],
     headline: str,
     model: str | None = None,
@@ -217,7 +213,7 @@ async def build_image_result(
     inline: dict[int, ImageContent] = {}
     left_out = total
     if room:
-        made, made_notes = await _make_inline(images, read_bytes, per, preview_max_px, inline_full)
+        made, made_notes = await _make_inline(images, read_bytes, cached, per, preview_max_px, inline_full)
         used = failed = 0
         for i, (block, size) in enumerate(made):
             if block is None:  # no preview could be made; the note says so
@@ -249,6 +245,7 @@ async def build_image_result(
 async def _make_inline(
     images: Sequence[SavedImage],
     read_bytes: ReadBytes,
+    cached: CachedPreview | None,
     max_bytes: int,
     max_px: int,
     inline_full: bool,
@@ -259,24 +256,24 @@ async def _make_inline(
 
     out: list[tuple[ImageContent | None, int]] = [(None, 0)] * len(images)
     notes: list[str | None] = [None] * len(images)
-    limiter = anyio.CapacityLimiter(PREVIEW_WORKERS)
 
     async def one(i: int, img: SavedImage) -> None:
+        # The preview made when the image arrived saves reading and decoding it again.
+        early = None if inline_full or cached is None else cached(img.id)
+        if early is not None and len(early[0]) <= max_bytes:
+            out[i] = (ImageContent(type="image", data=_b64(early[0]), mime_type=early[1]), len(early[0]))
+            return
         try:
-            data, _mime = await anyio.to_thread.run_sync(read_bytes, img.id, limiter=limiter)
+            data, _mime = await anyio.to_thread.run_sync(read_bytes, img.id)
             if inline_full:
-                small, mime, w, h = await anyio.to_thread.run_sync(
-                    imaging.downscale_to_fit, data, max_bytes, limiter=limiter
-                )
+                small, mime, w, h = await in_worker(lambda: imaging.downscale_to_fit(data, max_bytes))
                 if (w, h) != (img.width, img.height) or mime != img.mime_type:
                     notes[i] = (
                         f"image {i + 1} is inlined downscaled to {w}x{h} {mime} to fit the result size limit; "
                         f"the full {img.width}x{img.height} image is at {img.path}"
                     )
             else:
-                small, mime = await anyio.to_thread.run_sync(
-                    lambda: imaging.make_preview(data, max_px=max_px, max_bytes=max_bytes), limiter=limiter
-                )
+                small, mime = await in_worker(lambda: imaging.make_preview(data, max_px=max_px, max_bytes=max_bytes))
         except Exception as exc:  # a preview is a convenience: the image itself is saved
             log.warning("no preview for %s: %s", img.id, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             notes[i] = f"no preview of image {i + 1} could be made ({type(exc).__name__}); the image is saved"
@@ -315,6 +312,7 @@ async def from_generation(
     result: GenerationResult,
     *,
     read_bytes: ReadBytes,
+    cached: CachedPreview | None = None,
     verb: str = "Generated",
     preview_max_px: int = 512,
     inline_full: bool = False,
@@ -322,6 +320,7 @@ async def from_generation(
     return await build_image_result(
         result.images,
         read_bytes=read_bytes,
+        cached=cached,
         status="done",
         headline=_done_headline(result, verb),
         model=result.model,
@@ -342,6 +341,7 @@ async def still_running(
     job: Any,
     *,
     read_bytes: ReadBytes,
+    cached: CachedPreview | None = None,
     elapsed_s: float,
     expected: int | None = None,
     preview_max_px: int = 512,
@@ -362,6 +362,7 @@ async def still_running(
     return await build_image_result(
         saved,
         read_bytes=read_bytes,
+        cached=cached,
         status="running",
         headline=headline,
         model=route.model.id if route is not None else None,
@@ -379,7 +380,12 @@ async def still_running(
 
 
 async def from_record(
-    record: ImageRecord, *, read_bytes: ReadBytes, preview_max_px: int = 512, inline_full: bool = False
+    record: ImageRecord,
+    *,
+    read_bytes: ReadBytes,
+    cached: CachedPreview | None = None,
+    preview_max_px: int = 512,
+    inline_full: bool = False,
 ) -> CallToolResult:
     headline = (
         f"Saved image {record.uri}: {record.operation} by model {record.model!r} on endpoint {record.endpoint!r} "
@@ -388,6 +394,7 @@ async def from_record(
     return await build_image_result(
         [record],
         read_bytes=read_bytes,
+        cached=cached,
         status="done",
         headline=headline,
         model=record.model,

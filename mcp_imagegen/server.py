@@ -80,7 +80,8 @@ SizeArg = Annotated[
     ),
 ]
 QualityArg = Annotated[
-    str | None, Field(description="Model-specific quality, e.g. 'low'|'medium'|'high'|'auto' (gpt-image) or 'standard'|'hd'.")
+    str | None,
+    Field(description="Model-specific quality, e.g. 'low'|'medium'|'high'|'auto' (gpt-image) or 'standard'|'hd'."),
 ]
 StyleArg = Annotated[str | None, Field(description="Model-specific style, e.g. 'vivid' or 'natural' (dall-e-3).")]
 SeedArg = Annotated[int | None, Field(ge=0, description="Seed for reproducible results, where the model takes one.")]
@@ -89,7 +90,8 @@ BackgroundArg = Annotated[
     str | None, Field(description="'transparent', 'opaque' or 'auto', where the model supports it (gpt-image).")
 ]
 FormatArg = Annotated[
-    Literal["png", "jpeg", "webp"] | None, Field(description="File format of the saved image, where the model lets you choose.")
+    Literal["png", "jpeg", "webp"] | None,
+    Field(description="File format of the saved image, where the model lets you choose."),
 ]
 GuidanceArg = Annotated[
     float | None, Field(ge=0, description="Prompt guidance scale (CFG), for diffusion models that take it.")
@@ -103,7 +105,7 @@ ExtraArg = Annotated[
     dict[str, Any] | None,
     Field(
         description="Gateway-specific parameters with no canonical argument, passed to the gateway as they are, "
-        "under their wire names (e.g. {\"moderation\": \"low\"})."
+        'under their wire names (e.g. {"moderation": "low"}).'
     ),
 ]
 InlineFullArg = Annotated[
@@ -138,7 +140,11 @@ GENERATE_ANNOTATIONS = ToolAnnotations(
 )
 EDIT_ANNOTATIONS = GENERATE_ANNOTATIONS.model_copy(update={"title": "Edit images"})
 GET_ANNOTATIONS = ToolAnnotations(
-    title="Get a generation's images", read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+    title="Get a generation's images",
+    read_only_hint=True,
+    destructive_hint=False,
+    idempotent_hint=True,
+    open_world_hint=False,
 )
 LIST_ANNOTATIONS = ToolAnnotations(
     title="List image models", read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True
@@ -224,7 +230,9 @@ class _Progress:
     async def heartbeat(self, what: str = "working") -> None:
         elapsed = time.monotonic() - self.started
         of = f" of {self.total:g}" if self.total else ""
-        await self._send(self._nudge() if self.last >= 0 else 0.0, None, f"{what}: {self.saved}{of} image(s) saved, {elapsed:.0f} s")
+        await self._send(
+            self._nudge() if self.last >= 0 else 0.0, None, f"{what}: {self.saved}{of} image(s) saved, {elapsed:.0f} s"
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -257,7 +265,9 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
             problems.append(f"`{name}` is required but was not given")
             continue
         if err["type"] == "extra_forbidden":
-            problems.append(f"`{name}` is not an argument of {tool}; remove it (gateway-specific parameters go in `extra`)")
+            problems.append(
+                f"`{name}` is not an argument of {tool}; remove it (gateway-specific parameters go in `extra`)"
+            )
             continue
         shown = repr(err.get("input"))
         if len(shown) > 60:
@@ -387,6 +397,9 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
     def read_bytes(image_id: str) -> tuple[bytes, str]:
         return holder.get().store.read_bytes(image_id)
 
+    def cached(image_id: str) -> tuple[bytes, str] | None:
+        return holder.get().cached_preview(image_id)
+
     async def run_request(
         tool: str, ctx: Context | None, request: ImageRequest, inline_full: bool, verb: str
     ) -> CallToolResult:
@@ -414,13 +427,19 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             return await results.still_running(
                 job,
                 read_bytes=read_bytes,
+                cached=cached,
                 elapsed_s=time.monotonic() - started,
                 expected=request.n,
                 preview_max_px=settings.preview_max_px,
                 inline_full=inline,
             )
         return await results.from_generation(
-            result, read_bytes=read_bytes, verb=verb, preview_max_px=settings.preview_max_px, inline_full=inline
+            result,
+            read_bytes=read_bytes,
+            cached=cached,
+            verb=verb,
+            preview_max_px=settings.preview_max_px,
+            inline_full=inline,
         )
 
     def knobs(**values: Any) -> dict[str, Any]:
@@ -549,7 +568,10 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         ] = None,
         wait_s: Annotated[
             float,
-            Field(ge=0, description="For a job: how long to wait for it to finish, in seconds (capped by the server's deadline)."),
+            Field(
+                ge=0,
+                description="For a job: how long to wait for it to finish, in seconds (capped by the server's deadline).",
+            ),
         ] = 20.0,
         inline_full: InlineFullArg = False,
         ctx: Context = None,  # type: ignore[assignment]
@@ -571,7 +593,11 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             if image is not None:
                 record = await _record(svc, _image_id(image))
                 return await results.from_record(
-                    record, read_bytes=read_bytes, preview_max_px=settings.preview_max_px, inline_full=inline
+                    record,
+                    read_bytes=read_bytes,
+                    cached=cached,
+                    preview_max_px=settings.preview_max_px,
+                    inline_full=inline,
                 )
             assert job_id is not None
             job = svc.job(job_id.strip())
@@ -582,7 +608,12 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             except ImageGenError:
                 if job.status == "cancelled" and getattr(job, "result", None) is not None:
                     result = job.result.model_copy(
-                        update={"warnings": [*job.result.warnings, "the job was cancelled; these images arrived before the cancel"]}
+                        update={
+                            "warnings": [
+                                *job.result.warnings,
+                                "the job was cancelled; these images arrived before the cancel",
+                            ]
+                        }
                     )
                 else:
                     raise
@@ -592,13 +623,19 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
                 return await results.still_running(
                     job,
                     read_bytes=read_bytes,
+                    cached=cached,
                     elapsed_s=time.monotonic() - job.started if hasattr(job, "started") else 0.0,
                     preview_max_px=settings.preview_max_px,
                     inline_full=inline,
                 )
             verb = "Edited into" if getattr(job.request, "operation", "generate") == "edit" else "Generated"
             return await results.from_generation(
-                result, read_bytes=read_bytes, verb=verb, preview_max_px=settings.preview_max_px, inline_full=inline
+                result,
+                read_bytes=read_bytes,
+                cached=cached,
+                verb=verb,
+                preview_max_px=settings.preview_max_px,
+                inline_full=inline,
             )
         except ImageGenError as exc:
             return results.error_result(exc.agent_text())
@@ -608,7 +645,9 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
     async def list_models(
         capability: Annotated[
             Literal["generate", "edit", "mask", "multi_image"] | None,
-            Field(description="Only models with this capability: generate, edit, mask (edits inside a mask) or multi_image (edits of several images)."),
+            Field(
+                description="Only models with this capability: generate, edit, mask (edits inside a mask) or multi_image (edits of several images)."
+            ),
         ] = None,
         endpoint: Annotated[str | None, Field(description="Only this configured endpoint's models.")] = None,
         refresh: Annotated[
@@ -668,8 +707,6 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         records = await anyio.to_thread.run_sync(svc.store.recent, RECENT_LIMIT)
         import json
 
-        return json.dumps(
-            {"images": [r.model_dump(mode="json", exclude={"parameters"}) for r in records]}, indent=1
-        )
+        return json.dumps({"images": [r.model_dump(mode="json", exclude={"parameters"}) for r in records]}, indent=1)
 
     return server

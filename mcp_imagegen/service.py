@@ -13,6 +13,7 @@ import binascii
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import checks, images
+from .limits import preview_bytes_for
+from .work import in_worker
 from .catalog import ModelCatalog, Route
 from .config import Settings
 from .errors import (
@@ -49,6 +52,7 @@ JobStatus = Literal["running", "done", "failed", "cancelled"]
 
 MAX_RESULT_IMAGE_BYTES = 128 * 1024 * 1024  # one downloaded image; anything larger is not an image
 KEEP_FINISHED_JOBS = 256
+KEEP_PREVIEWS = 256  # recent previews kept in memory (tens of KB each)
 SHUTDOWN_GRACE_S = 30.0
 
 
@@ -101,8 +105,13 @@ class Job:
 
 
 class ImageService:
-    def __init__(self, settings: Settings) -> None:
+    """The engine. `previews=True` (the MCP server) makes each image's inline preview while its
+    bytes are still in memory; the command line has no use for previews."""
+
+    def __init__(self, settings: Settings, *, previews: bool = True) -> None:
         self.settings = settings
+        self._make_previews = previews
+        self._previews: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self.store = ImageStore(settings.output_dir)
         self._stack = AsyncExitStack()
         self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
@@ -140,9 +149,7 @@ class ImageService:
 
     # --- inputs --------------------------------------------------------------------------------
 
-    async def resolve_inputs(
-        self, specs: list[str], mask: str | None
-    ) -> tuple[list[InputImage], InputImage | None]:
+    async def resolve_inputs(self, specs: list[str], mask: str | None) -> tuple[list[InputImage], InputImage | None]:
         from .inputs import allowed_roots_for, resolve_input
 
         roots = allowed_roots_for(self.settings)
@@ -357,8 +364,8 @@ class ImageService:
         with anyio.CancelScope(shield=True):
             _accumulate(job, answer)
             for item in answer.images:
-                data = await self._image_bytes(gateway, item, route)
-                await self._save(job, route, data, item.revised_prompt, total)
+                payload = await self._image_payload(gateway, item, route)
+                await self._save(job, route, payload, item.revised_prompt, total)
 
     async def _offline_batch(
         self, job: Job, route: Route, prepared: Any, first_index: int, batch_n: int, total: int
@@ -373,7 +380,7 @@ class ImageService:
         sources = [img.data for img in request.images]
         for index in range(first_index, first_index + batch_n):
             if request.operation == "edit":
-                data = await anyio.to_thread.run_sync(
+                data = await in_worker(
                     lambda i=index: offline.edit(
                         sources,
                         request.prompt,
@@ -388,10 +395,8 @@ class ImageService:
                     )
                 )
             else:
-                data = await anyio.to_thread.run_sync(
-                    lambda i=index: offline.render(
-                        request.prompt, width, height, seed=seed, index=i, output_format=fmt
-                    )
+                data = await in_worker(
+                    lambda i=index: offline.render(request.prompt, width, height, seed=seed, index=i, output_format=fmt)
                 )
             with anyio.CancelScope(shield=True):
                 await self._save(job, route, data, None, total)
@@ -400,9 +405,7 @@ class ImageService:
         request = job.request
         if request.operation != "edit":
             return [], None
-        fitted, notes = await anyio.to_thread.run_sync(
-            lambda: checks.fit_inputs(request.images, route.manifest, route.model)
-        )
+        fitted, notes = await in_worker(lambda: checks.fit_inputs(request.images, route.manifest, route.model))
         job.warnings.extend(notes)
         mask_bytes = None
         if request.mask is not None:
@@ -411,10 +414,10 @@ class ImageService:
             if route.model.edit_square:
                 # The image was centre-cropped to a square; crop the mask the same way so the
                 # area to change stays where the caller painted it.
-                mask_source = await anyio.to_thread.run_sync(
+                mask_source = await in_worker(
                     lambda: images.fit_image(mask_source, images.MAX_INPUT_BYTES, ["image/png"], square=True)[0]
                 )
-            mask_bytes = await anyio.to_thread.run_sync(
+            mask_bytes = await in_worker(
                 lambda: images.convert_mask(
                     mask_source, width=first.width, height=first.height, semantics=prepared.mask_semantics
                 )
@@ -441,29 +444,55 @@ class ImageService:
             turns.append(Turn(role="model", text="Generated 1 image", images=[(data, mime)]))
         return turns[-2 * ops.inputs.max_lineage_turns :]
 
-    async def _image_bytes(self, gateway: Any, item: WireImage, route: Route) -> bytes:
+    async def _image_payload(self, gateway: Any, item: WireImage, route: Route) -> bytes | str:
+        """The image's bytes, or its base64 text (decoded later, in a worker thread)."""
         if item.b64:
-            try:
-                return base64.b64decode(item.b64, validate=False)
-            except (binascii.Error, ValueError):
-                raise BadGatewayResponseError(
-                    "the gateway returned invalid base64 image data", endpoint=route.endpoint.name
-                ) from None
+            return item.b64
         if item.url:
             return await gateway.fetch_image(item.url, max_bytes=MAX_RESULT_IMAGE_BYTES)
-        raise BadGatewayResponseError("the gateway returned an image entry with neither data nor URL")
+        raise BadGatewayResponseError(
+            "the gateway returned an image entry with neither data nor URL", endpoint=route.endpoint.name
+        )
 
-    async def _save(self, job: Job, route: Route, data: bytes, revised_prompt: str | None, total: int) -> None:
-        request = job.request
+    def _examine(
+        self, payload: bytes | str, source: str, n: int
+    ) -> tuple[bytes, str, int, int, tuple[bytes, str] | None]:
+        """Decode, check and preview one received image: all the CPU work, in one worker call."""
+        if isinstance(payload, str):
+            try:
+                data = base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError):
+                raise BadGatewayResponseError("the gateway returned invalid base64 image data") from None
+        else:
+            data = payload
         try:
-            mime, width, height = await anyio.to_thread.run_sync(
-                lambda: images.sniff(data, source=f"the image from endpoint {route.endpoint.name!r}", verify=True)
-            )
+            # Gateway outputs get the cheap checks (PNG CRCs, a JPEG walk at 1/8 scale): the full
+            # decode happens once, in the preview.
+            mime, width, height = images.sniff(data, source=source, verify=False)
         except InvalidRequestError as exc:
             raise BadGatewayResponseError(
-                f"the gateway returned something that is not a usable image: {exc.message}",
-                endpoint=route.endpoint.name,
+                f"the gateway returned something that is not a usable image: {exc.message}"
             ) from None
+        preview = None
+        if self._make_previews:
+            try:
+                preview = images.make_preview(data, max_px=self.settings.preview_max_px, max_bytes=preview_bytes_for(n))
+            except Exception:  # a preview is a convenience; results.py tries again from the file
+                log.debug("preview of %s failed", source, exc_info=True)
+        return data, mime, width, height, preview
+
+    def cached_preview(self, image_id: str) -> tuple[bytes, str] | None:
+        """The preview made when the image arrived, if still kept: (bytes, mime type)."""
+        return self._previews.get(image_id)
+
+    async def _save(self, job: Job, route: Route, payload: bytes | str, revised_prompt: str | None, total: int) -> None:
+        request = job.request
+        source = f"the image from endpoint {route.endpoint.name!r}"
+        try:
+            data, mime, width, height, preview = await in_worker(lambda: self._examine(payload, source, request.n))
+        except BadGatewayResponseError as exc:
+            exc.endpoint = route.endpoint.name
+            raise
         parameters: dict[str, Any] = {"n": request.n, "size": request.size, **request.knobs}
         if request.extra:
             parameters["extra"] = request.extra
@@ -484,6 +513,10 @@ class ImageService:
                 job_id=job.id,
             )
         )
+        if preview is not None:
+            self._previews[record.id] = preview
+            while len(self._previews) > KEEP_PREVIEWS:
+                self._previews.popitem(last=False)
         job.saved.append(SavedImage.model_validate(record.model_dump()))
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
 

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 
 from .config import OUTPUT_DIR_ENV
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
-from .images import EXTENSIONS
 from .models import ImageRecord, Operation
 
 URI_PREFIX = "imagegen://images/"
@@ -143,6 +142,8 @@ class ImageStore:
         job_id: str | None = None,
     ) -> ImageRecord:
         """Write the bytes as given (no re-encoding) and their record; returns the record."""
+        from .images import EXTENSIONS  # Pillow loads on the first save, not at start-up
+
         ext = EXTENSIONS.get(mime_type)
         if ext is None:
             raise InvalidRequestError(f"cannot save an image of type {mime_type!r}")

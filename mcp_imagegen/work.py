@@ -1,0 +1,31 @@
+"""Where CPU-bound work runs: worker threads, at most one per core.
+
+Pillow, base64 and JSON on multi-megabyte bodies would stall the event loop if run on it, and
+anyio's default 40 threads would make 64 concurrent calls fight over two cores and starve it
+anyway. Every CPU-heavy step goes through `in_worker`, which shares one process-wide limit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+T = TypeVar("T")
+
+_limiter: anyio.CapacityLimiter | None = None
+
+
+def cpu_limiter() -> anyio.CapacityLimiter:
+    global _limiter
+    if _limiter is None:
+        _limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    return _limiter
+
+
+async def in_worker(fn: Callable[[], T]) -> T:
+    """Run `fn` in a worker thread under the process-wide CPU limit."""
+    return await anyio.to_thread.run_sync(fn, limiter=cpu_limiter())
