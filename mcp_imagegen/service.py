@@ -454,10 +454,9 @@ class ImageService:
             "the gateway returned an image entry with neither data nor URL", endpoint=route.endpoint.name
         )
 
-    def _examine(
-        self, payload: bytes | str, source: str, n: int
-    ) -> tuple[bytes, str, int, int, tuple[bytes, str] | None]:
-        """Decode, check and preview one received image: all the CPU work, in one worker call."""
+    @staticmethod
+    def _examine(payload: bytes | str, source: str) -> tuple[bytes, str, int, int]:
+        """Decode and check one received image (CPU work: run in a worker)."""
         if isinstance(payload, str):
             try:
                 data = base64.b64decode(payload, validate=False)
@@ -473,13 +472,14 @@ class ImageService:
             raise BadGatewayResponseError(
                 f"the gateway returned something that is not a usable image: {exc.message}"
             ) from None
-        preview = None
-        if self._make_previews:
-            try:
-                preview = images.make_preview(data, max_px=self.settings.preview_max_px, max_bytes=preview_bytes_for(n))
-            except Exception:  # a preview is a convenience; results.py tries again from the file
-                log.debug("preview of %s failed", source, exc_info=True)
-        return data, mime, width, height, preview
+        return data, mime, width, height
+
+    def _preview(self, data: bytes, n: int) -> tuple[bytes, str] | None:
+        try:
+            return images.make_preview(data, max_px=self.settings.preview_max_px, max_bytes=preview_bytes_for(n))
+        except Exception:  # a preview is a convenience; results.py tries again from the file
+            log.debug("preview failed", exc_info=True)
+            return None
 
     def cached_preview(self, image_id: str) -> tuple[bytes, str] | None:
         """The preview made when the image arrived, if still kept: (bytes, mime type)."""
@@ -489,15 +489,16 @@ class ImageService:
         request = job.request
         source = f"the image from endpoint {route.endpoint.name!r}"
         try:
-            data, mime, width, height, preview = await in_worker(lambda: self._examine(payload, source, request.n))
+            data, mime, width, height = await in_worker(lambda: self._examine(payload, source))
         except BadGatewayResponseError as exc:
             exc.endpoint = route.endpoint.name
             raise
         parameters: dict[str, Any] = {"n": request.n, "size": request.size, **request.knobs}
         if request.extra:
             parameters["extra"] = request.extra
-        record: ImageRecord = await anyio.to_thread.run_sync(
-            lambda: self.store.save(
+
+        def save() -> ImageRecord:
+            return self.store.save(
                 data,
                 mime_type=mime,
                 width=width,
@@ -512,9 +513,25 @@ class ImageService:
                 revised_prompt=revised_prompt or None,
                 job_id=job.id,
             )
-        )
-        if preview is not None:
-            self._previews[record.id] = preview
+
+        # Writing (with fsync) and the preview (decode + encode) overlap: one waits on the disk,
+        # the other on the CPU.
+        made: dict[str, Any] = {}
+
+        async def write() -> None:
+            made["record"] = await anyio.to_thread.run_sync(save)
+
+        async def preview() -> None:
+            made["preview"] = await in_worker(lambda: self._preview(data, request.n))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            if self._make_previews:
+                tg.start_soon(preview)
+        record: ImageRecord = made["record"]
+        preview_made: tuple[bytes, str] | None = made.get("preview")
+        if preview_made is not None:
+            self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:
                 self._previews.popitem(last=False)
         job.saved.append(SavedImage.model_validate(record.model_dump()))
