@@ -22,9 +22,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from . import checks, images
-from .limits import preview_bytes_for
-from .work import in_worker
+from . import checks
 from .catalog import ModelCatalog, Route
 from .config import Settings
 from .errors import (
@@ -33,6 +31,7 @@ from .errors import (
     InputNotFoundError,
     InvalidRequestError,
 )
+from .limits import preview_bytes_for
 from .models import (
     GenerationResult,
     ImageRecord,
@@ -44,6 +43,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
+from .work import in_worker
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -402,6 +402,8 @@ class ImageService:
                 await self._save(job, route, data, None, total)
 
     async def _inputs_for(self, job: Job, route: Route, prepared: Any) -> tuple[list[InputImage], bytes | None]:
+        from . import images
+
         request = job.request
         if request.operation != "edit":
             return [], None
@@ -457,6 +459,8 @@ class ImageService:
     @staticmethod
     def _examine(payload: bytes | str, source: str) -> tuple[bytes, str, int, int]:
         """Decode and check one received image (CPU work: run in a worker)."""
+        from . import images  # Pillow loads with the first image, not at start-up
+
         if isinstance(payload, str):
             try:
                 data = base64.b64decode(payload, validate=False)
@@ -475,6 +479,8 @@ class ImageService:
         return data, mime, width, height
 
     def _preview(self, data: bytes, n: int) -> tuple[bytes, str] | None:
+        from . import images
+
         try:
             return images.make_preview(data, max_px=self.settings.preview_max_px, max_bytes=preview_bytes_for(n))
         except Exception:  # a preview is a convenience; results.py tries again from the file
