@@ -538,13 +538,22 @@ class HttpServer:
         return self.proc.pid
 
 
-def start_http_server(config: Path, api_key: str, workdir: Path, timeout: float = 45.0) -> HttpServer:
+def start_http_server(
+    config: Path, api_key: str, workdir: Path, timeout: float = 45.0, log_level: str | None = None
+) -> HttpServer:
     port = free_port()
     log = workdir / f"server-http-{port}.log"
     args = [PYTHON, "-m", "mcp_imagegen", "serve", "--transport", "http", "--host", HOST, "--port", str(port)]
     with open(log, "w") as errfile:
         proc = REGISTRY.spawn(
-            args, cwd=REPO_ROOT, env=server_env(config, api_key, full=True), stdout=errfile, stderr=subprocess.STDOUT
+            args,
+            cwd=REPO_ROOT,
+            env={
+                **server_env(config, api_key, full=True),
+                **({"MCP_IMAGEGEN_LOG_LEVEL": log_level} if log_level else {}),
+            },
+            stdout=errfile,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_port(port, proc, timeout)

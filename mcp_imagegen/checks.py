@@ -98,9 +98,7 @@ def _check_size(
     too_small, too_large = min(width, height) < low, high is not None and max(width, height) > high
     if too_small or too_large:
         bounds = f"from {low} to {high} px" if high is not None else f"at least {low} px"
-        raise InvalidRequestError(
-            f"size {normal} is not available for {model.id}{where}: each side must be {bounds}"
-        )
+        raise InvalidRequestError(f"size {normal} is not available for {model.id}{where}: each side must be {bounds}")
     return normal
 
 

@@ -366,7 +366,11 @@ class GatewayClient:
                         )
                     status, nbytes = answer.status, len(answer.body)
                     # Parsing megabytes of JSON (base64 images) would stall the event loop.
-                    result = await in_worker(lambda: handle(answer)) if nbytes > INLINE_DECODE_BYTES else handle(answer)
+                    result = (
+                        await in_worker(lambda answer=answer: handle(answer))
+                        if nbytes > INLINE_DECODE_BYTES
+                        else handle(answer)
+                    )
                     outcome = "ok"
                     return result
                 except _Failure as failure:

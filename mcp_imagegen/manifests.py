@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ManifestError
 from .models import CANONICAL_KNOBS, Capability
 
-
 # What `error_codes` may map a gateway's code or type to (the `kind` of an errors.py class).
 ERROR_KINDS: tuple[str, ...] = (
     "invalid_request",
@@ -221,7 +220,5 @@ def load_manifest(provider: str) -> Manifest:
     """Load one provider's manifest; only the providers in use are ever read."""
     path = manifest_dir() / f"{provider}.toml"
     if not path.is_file():
-        raise ManifestError(
-            f"unknown provider {provider!r}; known providers: {', '.join(available_providers())}"
-        )
+        raise ManifestError(f"unknown provider {provider!r}; known providers: {', '.join(available_providers())}")
     return parse_manifest(path)

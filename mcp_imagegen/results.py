@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -27,6 +27,9 @@ from pydantic import BaseModel, Field
 from .limits import MIN_PREVIEW_BYTES, PREVIEW_MAX_BYTES, PREVIEWS_TOTAL_BYTES, RESULT_CAP_BYTES
 from .models import GenerationResult, ImageRecord, ModelInfo, SavedImage
 from .work import in_worker
+
+if TYPE_CHECKING:
+    from .service import Job
 
 log = logging.getLogger("mcp_imagegen.results")
 
@@ -338,7 +341,7 @@ async def from_generation(
 
 
 async def still_running(
-    job: Any,
+    job: Job,
     *,
     read_bytes: ReadBytes,
     cached: CachedPreview | None = None,
@@ -349,10 +352,9 @@ async def still_running(
 ) -> CallToolResult:
     """A normal (not error) result for a job that outlived the call: handle, and images so far."""
     saved: list[SavedImage] = list(job.saved)
-    route = getattr(job, "route", None)
+    route = job.route
     if expected is None:
-        request = getattr(job, "request", None)
-        expected = getattr(request, "n", None)
+        expected = job.request.n
     so_far = f"{len(saved)} of {expected}" if expected else str(len(saved))
     headline = (
         f"The generation is still running (job_id {job.id!r}, {elapsed_s:.0f} s so far); "
@@ -368,10 +370,10 @@ async def still_running(
         model=route.model.id if route is not None else None,
         endpoint=route.endpoint.name if route is not None else None,
         provider=route.endpoint.provider if route is not None else None,
-        warnings=list(getattr(job, "warnings", [])),
-        usage=getattr(job, "usage", None),
-        cost=getattr(job, "cost", None),
-        balance=getattr(job, "balance", None),
+        warnings=list(job.warnings),
+        usage=job.usage,
+        cost=job.cost,
+        balance=job.balance,
         elapsed_s=round(elapsed_s, 3),
         job_id=job.id,
         preview_max_px=preview_max_px,

@@ -398,7 +398,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         return holder.get().store.read_bytes(image_id)
 
     def cached(image_id: str) -> tuple[bytes, str] | None:
-        return holder.get().cached_preview(image_id)
+        return holder.get().take_preview(image_id)
 
     async def run_request(
         tool: str, ctx: Context | None, request: ImageRequest, inline_full: bool, verb: str
@@ -601,12 +601,12 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
                 )
             assert job_id is not None
             job = svc.job(job_id.strip())
-            progress = _Progress(ctx, float(job.request.n) if getattr(job, "request", None) else None)
+            progress = _Progress(ctx, float(job.request.n))
             progress.saved = len(job.saved)
             try:
                 result = await _await_job(job, min(wait_s, settings.tool_deadline_s), progress, "waiting")
             except ImageGenError:
-                if job.status == "cancelled" and getattr(job, "result", None) is not None:
+                if job.status == "cancelled" and job.result is not None:
                     result = job.result.model_copy(
                         update={
                             "warnings": [
@@ -624,11 +624,11 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
                     job,
                     read_bytes=read_bytes,
                     cached=cached,
-                    elapsed_s=time.monotonic() - job.started if hasattr(job, "started") else 0.0,
+                    elapsed_s=time.monotonic() - job.started,
                     preview_max_px=settings.preview_max_px,
                     inline_full=inline,
                 )
-            verb = "Edited into" if getattr(job.request, "operation", "generate") == "edit" else "Generated"
+            verb = "Edited into" if job.request.operation == "edit" else "Generated"
             return await results.from_generation(
                 result,
                 read_bytes=read_bytes,

@@ -43,7 +43,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
-from .work import in_worker
+from .work import in_worker, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -52,7 +52,7 @@ JobStatus = Literal["running", "done", "failed", "cancelled"]
 
 MAX_RESULT_IMAGE_BYTES = 128 * 1024 * 1024  # one downloaded image; anything larger is not an image
 KEEP_FINISHED_JOBS = 256
-KEEP_PREVIEWS = 256  # recent previews kept in memory (tens of KB each)
+KEEP_PREVIEWS = 64  # previews not yet taken by a result (tens of KB each)
 SHUTDOWN_GRACE_S = 30.0
 
 
@@ -121,6 +121,8 @@ class ImageService:
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
+        if logging.getLogger("mcp_imagegen.loop").isEnabledFor(logging.DEBUG):
+            self._tasks.start_soon(watch_event_loop, name="event-loop watchdog")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -487,9 +489,13 @@ class ImageService:
             log.debug("preview failed", exc_info=True)
             return None
 
-    def cached_preview(self, image_id: str) -> tuple[bytes, str] | None:
-        """The preview made when the image arrived, if still kept: (bytes, mime type)."""
-        return self._previews.get(image_id)
+    def take_preview(self, image_id: str) -> tuple[bytes, str] | None:
+        """The preview made when the image arrived, handed over once: (bytes, mime type).
+
+        Results take it as they are built; later views of the image make a new one from the
+        file, so memory holds previews only between an image's arrival and its result.
+        """
+        return self._previews.pop(image_id, None)
 
     async def _save(self, job: Job, route: Route, payload: bytes | str, revised_prompt: str | None, total: int) -> None:
         request = job.request

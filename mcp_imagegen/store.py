@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 import unicodedata
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ class ImageStore:
             raise InvalidRequestError(f"cannot save an image of type {mime_type!r}")
         self._ensure_dirs()
         image_id = secrets.token_urlsafe(16)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         stamp = now.astimezone().strftime("%Y%m%d-%H%M%S")  # local time: what a person expects
         slug = _slug(prompt)
         path = self.output_dir / f"{stamp}_{slug}_{image_id[:6]}.{ext}"

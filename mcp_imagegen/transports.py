@@ -255,9 +255,7 @@ async def serve_sse(
     auth_token: str | None = None,
     allow_unauthenticated: bool = False,
 ) -> None:
-    app = sse_app(
-        settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated
-    )
+    app = sse_app(settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated)
     log.info("serving legacy SSE on http://%s:%d%s", host, port, SSE_PATH)
     await _serve_uvicorn(app, host, port)
 

@@ -7,6 +7,7 @@ anyway. Every CPU-heavy step goes through `in_worker`, which shares one process-
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,3 +30,18 @@ def cpu_limiter() -> anyio.CapacityLimiter:
 async def in_worker(fn: Callable[[], T]) -> T:
     """Run `fn` in a worker thread under the process-wide CPU limit."""
     return await anyio.to_thread.run_sync(fn, limiter=cpu_limiter())
+
+
+async def watch_event_loop(tick_s: float = 0.005, report_over_s: float = 0.01) -> None:
+    """Log every event-loop stall longer than `report_over_s` (a DEBUG diagnostic).
+
+    A task that should wake every `tick_s` measures how late it wakes: the lateness is how long
+    something held the loop. Runs only while DEBUG logging is on, so it costs nothing otherwise.
+    """
+    log = logging.getLogger("mcp_imagegen.loop")
+    while True:
+        start = anyio.current_time()
+        await anyio.sleep(tick_s)
+        late = anyio.current_time() - start - tick_s
+        if late > report_over_s:
+            log.debug("event loop stalled", extra={"fields": {"ms": round(late * 1000, 1)}})

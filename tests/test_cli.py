@@ -60,7 +60,15 @@ def test_edit_takes_a_path_and_a_mask(tmp_path: Path) -> None:
     mask = tmp_path / "mask.png"
     Image.new("L", (200, 200), 0).save(mask)
     (tmp_path / "cwd").mkdir()
-    done = cli("edit", "add snow", source, "--mask", str(mask), "--quiet", env={"MCP_IMAGEGEN_OUTPUT_DIR": str(Path(source).parent)})
+    done = cli(
+        "edit",
+        "add snow",
+        source,
+        "--mask",
+        str(mask),
+        "--quiet",
+        env={"MCP_IMAGEGEN_OUTPUT_DIR": str(Path(source).parent)},
+    )
     # The mask sits outside the output folder and the working directory: refused by name.
     assert done.returncode == 1
     assert "mask.png" in done.stderr and "allowed" in done.stderr

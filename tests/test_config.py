@@ -43,7 +43,7 @@ def test_file_endpoints_with_all_fields(tmp_path: Path) -> None:
     env = write(
         tmp_path,
         f"""
-output_dir = "{tmp_path / 'out'}"
+output_dir = "{tmp_path / "out"}"
 allowed_roots = ["{tmp_path}"]
 
 [[endpoints]]
@@ -91,7 +91,10 @@ def test_output_dir_variable_overrides_the_file(tmp_path: Path) -> None:
             "[[endpoints]]\nname = 'a'\nprovider = 'openai'\n[[endpoints]]\nname = 'a'\nprovider = 'openai'\n",
             ["'a' is used twice"],
         ),
-        ("[[endpoints]]\nname = 'x'\nprovider = 'openai-compatible'\n", ["endpoints[0].base_url", "no default base URL"]),
+        (
+            "[[endpoints]]\nname = 'x'\nprovider = 'openai-compatible'\n",
+            ["endpoints[0].base_url", "no default base URL"],
+        ),
         ("output_dir = [1, 2]\n", ["output_dir"]),
         ("this is = not toml [\n", ["not valid TOML"]),
     ],

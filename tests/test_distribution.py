@@ -294,16 +294,25 @@ SERVER_JSON_BREAKAGES: dict[str, tuple[Mutation, str]] = {
     ),
     "plain var secret": (lambda d: _var(d, "OPENAI_BASE_URL").update(isSecret=True), "OPENAI_BASE_URL is not a secret"),
     "isSecret not boolean": (lambda d: _var(d, "LLMVIN_API_KEY").update(isSecret="true"), "schema: /packages/0/"),
-    "variable without name": (lambda d: _var(d, "NEXLLM_API_KEY").pop("name"), "schema: /packages/0/environmentVariables"),
+    "variable without name": (
+        lambda d: _var(d, "NEXLLM_API_KEY").pop("name"),
+        "schema: /packages/0/environmentVariables",
+    ),
     "version drift": (lambda d: d.update(version="0.0.9"), "version '0.0.9' != pyproject"),
     "package version drift": (lambda d: _pypi(d).update(version="0.0.9"), "package version '0.0.9'"),
     "package version latest": (lambda d: _pypi(d).update(version="latest"), "schema: /packages/0/version"),
     "wrong package": (lambda d: _pypi(d).update(identifier="mcp-imagegen2"), "package identifier"),
     "not reverse-DNS": (lambda d: d.update(name="mcp-imagegen"), "schema: /name"),
-    "name not the repo": (lambda d: d.update(name="io.github.someone/else"), "is not io.github.mcp-imagegen/mcp-imagegen"),
+    "name not the repo": (
+        lambda d: d.update(name="io.github.someone/else"),
+        "is not io.github.mcp-imagegen/mcp-imagegen",
+    ),
     "description too long": (lambda d: d.update(description="x" * 101), "schema: /description"),
     "other schema": (lambda d: d.update({"$schema": "https://example.com/s.json"}), "$schema is"),
-    "not stdio": (lambda d: _pypi(d).update(transport={"type": "sse", "url": "http://x/sse"}), "transport is not stdio"),
+    "not stdio": (
+        lambda d: _pypi(d).update(transport={"type": "sse", "url": "http://x/sse"}),
+        "transport is not stdio",
+    ),
 }
 
 
@@ -322,8 +331,14 @@ def _user(m: dict[str, Any], key: str) -> dict[str, Any]:
 
 MCPB_BREAKAGES: dict[str, tuple[Mutation, str]] = {
     "sensitive missing": (lambda m: _user(m, "openai_api_key").pop("sensitive"), "(OPENAI_API_KEY) is not sensitive"),
-    "sensitive false": (lambda m: _user(m, "nanogpt_api_key").update(sensitive=False), "(NANOGPT_API_KEY) is not sensitive"),
-    "key required": (lambda m: _user(m, "modelmax_api_key").update(required=True), "(MODELMAX_API_KEY) is not required"),
+    "sensitive false": (
+        lambda m: _user(m, "nanogpt_api_key").update(sensitive=False),
+        "(NANOGPT_API_KEY) is not sensitive",
+    ),
+    "key required": (
+        lambda m: _user(m, "modelmax_api_key").update(required=True),
+        "(MODELMAX_API_KEY) is not required",
+    ),
     "key not mapped": (lambda m: m["server"]["mcp_config"]["env"].pop("AI_NEBULA_API_KEY"), "map AI_NEBULA_API_KEY"),
     "undeclared option": (
         lambda m: m["server"]["mcp_config"]["env"].update(LLMVIN_API_KEY="${user_config.nope}"),
@@ -356,7 +371,10 @@ DESKTOP_BREAKAGES: dict[str, tuple[Callable[[str], str], str]] = {
     "not JSON": (lambda t: t.rstrip().rstrip("}"), "not JSON"),
     "other command": (lambda t: t.replace('"uvx"', '"npx"'), "is not `uvx mcp-imagegen`"),
     "other package": (lambda t: t.replace('["mcp-imagegen"]', '["mcp-imagegen-x"]'), "is not `uvx mcp-imagegen`"),
-    "real-looking key": (lambda t: t.replace('"OPENAI_API_KEY": ""', '"OPENAI_API_KEY": "sk-123"'), "empty placeholder"),
+    "real-looking key": (
+        lambda t: t.replace('"OPENAI_API_KEY": ""', '"OPENAI_API_KEY": "sk-123"'),
+        "empty placeholder",
+    ),
     "not a key variable": (lambda t: t.replace('"OPENAI_API_KEY"', '"OPENAI_KEY"'), "exactly one key variable"),
     "no servers": (lambda t: t.replace('"mcpServers"', '"servers"'), "exactly one entry"),
 }

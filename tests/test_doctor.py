@@ -38,16 +38,22 @@ def test_default_setup_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "offline" in out and "not an AI model" in out and "is writable" in out
 
 
-def test_missing_key_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any) -> None:
+def test_missing_key_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any
+) -> None:
     emu = emulator("modelmax", api_key=SECRET_KEY)
-    configure(tmp_path, monkeypatch, f'[[endpoints]]\nname = "mm"\nprovider = "modelmax"\nbase_url = "{emu.base_url}"\n')
+    configure(
+        tmp_path, monkeypatch, f'[[endpoints]]\nname = "mm"\nprovider = "modelmax"\nbase_url = "{emu.base_url}"\n'
+    )
     code, out = doctor(capsys)
     assert code == 1
     assert "[FAIL] endpoint mm: no key: $MODELMAX_API_KEY is not set" in out
     assert "hint: export MODELMAX_API_KEY=" in out
 
 
-def test_wrong_key_is_reported_as_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any) -> None:
+def test_wrong_key_is_reported_as_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any
+) -> None:
     emu = emulator("openai", api_key="sk-the-right-key-000000")
     configure(
         tmp_path,
@@ -69,7 +75,9 @@ def test_unreachable_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     assert "[FAIL] endpoint gone:" in out and "not reachable" in out and "hint: check base_url" in out
 
 
-def test_reachable_gateway_reports_latency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any) -> None:
+def test_reachable_gateway_reports_latency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any
+) -> None:
     emu = emulator("nano-gpt", api_key=SECRET_KEY)
     configure(
         tmp_path,

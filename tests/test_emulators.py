@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx2
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tests.emulators import (
     DEFAULT_API_KEY,
@@ -117,8 +117,11 @@ def test_images_kinds() -> None:
 
 
 def test_recorded_requests(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
-    client.post(f"{openai_emu.base_url}/images/generations?x=1", headers=AUTH,
-                json={"model": "dall-e-2", "prompt": "a", "size": "256x256"})
+    client.post(
+        f"{openai_emu.base_url}/images/generations?x=1",
+        headers=AUTH,
+        json={"model": "dall-e-2", "prompt": "a", "size": "256x256"},
+    )
     rec = openai_emu.requests[-1]
     assert (rec.method, rec.path, rec.query, rec.status) == ("POST", "/v1/images/generations", {"x": "1"}, 200)
     assert rec.json == {"model": "dall-e-2", "prompt": "a", "size": "256x256"}
@@ -130,9 +133,19 @@ def test_recorded_requests(openai_emu: OpenAIEmulator, client: httpx2.Client) ->
 
 
 def test_openai_gpt_image_generate(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
-    r = client.post(f"{openai_emu.base_url}/images/generations", headers=AUTH,
-                    json={"model": "gpt-image-1", "prompt": "a cat", "size": "1536x1024", "n": 2,
-                          "quality": "low", "output_format": "webp", "output_compression": 80})
+    r = client.post(
+        f"{openai_emu.base_url}/images/generations",
+        headers=AUTH,
+        json={
+            "model": "gpt-image-1",
+            "prompt": "a cat",
+            "size": "1536x1024",
+            "n": 2,
+            "quality": "low",
+            "output_format": "webp",
+            "output_compression": 80,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) >= {"created", "data", "usage"}
@@ -143,11 +156,20 @@ def test_openai_gpt_image_generate(openai_emu: OpenAIEmulator, client: httpx2.Cl
 
 
 def test_openai_gpt_image_rejects_response_format(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
-    r = client.post(f"{openai_emu.base_url}/images/generations", headers=AUTH,
-                    json={"model": "gpt-image-1", "prompt": "a", "response_format": "b64_json"})
+    r = client.post(
+        f"{openai_emu.base_url}/images/generations",
+        headers=AUTH,
+        json={"model": "gpt-image-1", "prompt": "a", "response_format": "b64_json"},
+    )
     assert r.status_code == 400
-    assert r.json() == {"error": {"message": "Unknown parameter: 'response_format'.", "type": "invalid_request_error",
-                                  "param": "response_format", "code": "unknown_parameter"}}
+    assert r.json() == {
+        "error": {
+            "message": "Unknown parameter: 'response_format'.",
+            "type": "invalid_request_error",
+            "param": "response_format",
+            "code": "unknown_parameter",
+        }
+    }
 
 
 def test_openai_validation(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
@@ -187,8 +209,11 @@ def test_openai_auth(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
 
 
 def test_openai_dalle3_url_and_download(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
-    r = client.post(f"{openai_emu.base_url}/images/generations", headers=AUTH,
-                    json={"model": "dall-e-3", "prompt": "a", "size": "1792x1024", "quality": "hd", "style": "natural"})
+    r = client.post(
+        f"{openai_emu.base_url}/images/generations",
+        headers=AUTH,
+        json={"model": "dall-e-3", "prompt": "a", "size": "1792x1024", "quality": "hd", "style": "natural"},
+    )
     item = r.json()["data"][0]
     assert set(item) == {"url", "revised_prompt"}
     assert item["url"].startswith(openai_emu.origin + "/files/") and "X-Amz-Expires=" in item["url"]
@@ -209,10 +234,17 @@ def test_openai_models_and_quota(openai_emu: OpenAIEmulator, client: httpx2.Clie
 
 
 def test_openai_edit_gpt_image(openai_emu: OpenAIEmulator, client: httpx2.Client) -> None:
-    files = [("image[]", ("a.png", _png(64, 64), "image/png")), ("image[]", ("b.png", _png(64, 64), "image/png")),
-             ("mask", ("m.png", _png(64, 64, "RGBA"), "image/png"))]
-    r = client.post(f"{openai_emu.base_url}/images/edits", headers=AUTH, files=files,
-                    data={"model": "gpt-image-1", "prompt": "add a hat", "size": "1024x1024"})
+    files = [
+        ("image[]", ("a.png", _png(64, 64), "image/png")),
+        ("image[]", ("b.png", _png(64, 64), "image/png")),
+        ("mask", ("m.png", _png(64, 64, "RGBA"), "image/png")),
+    ]
+    r = client.post(
+        f"{openai_emu.base_url}/images/edits",
+        headers=AUTH,
+        files=files,
+        data={"model": "gpt-image-1", "prompt": "add a hat", "size": "1024x1024"},
+    )
     assert r.status_code == 200, r.text
     assert _decode(r.json()["data"][0]["b64_json"]).size == (1024, 1024)
     rec = openai_emu.requests[-1]
@@ -220,8 +252,9 @@ def test_openai_edit_gpt_image(openai_emu: OpenAIEmulator, client: httpx2.Client
     assert rec.form["prompt"] == "add a hat"
     # mask of another size
     files[2] = ("mask", ("m.png", _png(32, 32, "RGBA"), "image/png"))
-    r = client.post(f"{openai_emu.base_url}/images/edits", headers=AUTH, files=files,
-                    data={"model": "gpt-image-1", "prompt": "x"})
+    r = client.post(
+        f"{openai_emu.base_url}/images/edits", headers=AUTH, files=files, data={"model": "gpt-image-1", "prompt": "x"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
 
 
@@ -259,22 +292,30 @@ def test_nexllm(nexllm_emu: NexLLMEmulator, client: httpx2.Client) -> None:
     err = r.json()["error"]
     assert (err["type"], err["code"]) == ("new_api_error", "model_not_allowed")
     assert "model is not available for your key's group" in err["message"]
-    assert "imagen-4.0-generate-001" not in {m["id"] for m in client.get(f"{nexllm_emu.base_url}/models",
-                                                                            headers=AUTH).json()["data"]}
+    assert "imagen-4.0-generate-001" not in {
+        m["id"] for m in client.get(f"{nexllm_emu.base_url}/models", headers=AUTH).json()["data"]
+    }
     r = client.post(url, headers=AUTH, json={"model": "dall-e-2", "prompt": "a", "n": 11})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = client.post(url, headers={"Authorization": "Bearer nope"}, json={"model": "dall-e-2", "prompt": "a"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "new_api_error"
     files = {"image": ("i.png", _png(256, 256, "RGBA"), "image/png")}
-    r = client.post(f"{nexllm_emu.base_url}/images/edits", headers=AUTH, files=files,
-                    data={"model": "dall-e-2", "prompt": "add a rainbow", "n": "1", "size": "1024x1024"})
+    r = client.post(
+        f"{nexllm_emu.base_url}/images/edits",
+        headers=AUTH,
+        files=files,
+        data={"model": "dall-e-2", "prompt": "add a rainbow", "n": "1", "size": "1024x1024"},
+    )
     assert r.status_code == 200 and "url" in r.json()["data"][0]
 
 
 def test_nexllm_gemini_vertex_group(client: httpx2.Client) -> None:
     with NexLLMEmulator(key_groups=["default", "gemini-vertex"]) as emu:
-        r = client.post(f"{emu.base_url}/images/generations", headers=AUTH,
-                        json={"model": "imagen-4.0-generate-001", "prompt": "a", "n": 2})
+        r = client.post(
+            f"{emu.base_url}/images/generations",
+            headers=AUTH,
+            json={"model": "imagen-4.0-generate-001", "prompt": "a", "n": 2},
+        )
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         ids = {m["id"] for m in client.get(f"{emu.base_url}/models", headers=AUTH).json()["data"]}
         assert "imagen-4.0-generate-001" in ids
@@ -286,8 +327,11 @@ def test_nexllm_gemini_vertex_group(client: httpx2.Client) -> None:
 
 def test_nebula_generate(nebula_emu: AiNebulaEmulator, client: httpx2.Client) -> None:
     url = f"{nebula_emu.base_url}/images/generations"
-    r = client.post(url, headers=AUTH, json={"model": "gemini-2.5-flash-image-preview", "prompt": "a kitten",
-                                             "response_format": "b64_json"})
+    r = client.post(
+        url,
+        headers=AUTH,
+        json={"model": "gemini-2.5-flash-image-preview", "prompt": "a kitten", "response_format": "b64_json"},
+    )
     body = r.json()
     assert r.status_code == 200 and (body["code"], body["msg"]) == (200, "Success")
     item = body["data"]["data"][0]
@@ -301,9 +345,11 @@ def test_nebula_generate(nebula_emu: AiNebulaEmulator, client: httpx2.Client) ->
 def test_nebula_contents_and_errors(nebula_emu: AiNebulaEmulator, client: httpx2.Client) -> None:
     url = f"{nebula_emu.base_url}/images/generations"
     img = to_data_url(_png(32, 32))
-    turns = [{"role": "user", "parts": [{"text": "bird eye view"}, {"image": img}]},
-             {"role": "model", "parts": [{"text": "Generated 1 image for you"}, {"image": img}]},
-             {"role": "user", "parts": [{"text": "snowy night"}]}]
+    turns = [
+        {"role": "user", "parts": [{"text": "bird eye view"}, {"image": img}]},
+        {"role": "model", "parts": [{"text": "Generated 1 image for you"}, {"image": img}]},
+        {"role": "user", "parts": [{"text": "snowy night"}]},
+    ]
     model = "gemini-2.5-flash-image-preview"
     r = client.post(url, headers=AUTH, json={"model": model, "response_format": "b64_json", "contents": turns})
     assert r.json()["code"] == 200
@@ -339,14 +385,20 @@ def test_nano_generate_and_discovery(nano_emu: NanoGptEmulator, client: httpx2.C
     assert all(set(d) == {"b64_json"} for d in body["data"])
     assert isinstance(body["cost"], float) and body["paymentSource"] in ("USD", "XNO")
     assert isinstance(body["remainingBalance"], float)
-    r = client.post(f"{nano_emu.base_url}/images/generations", headers=AUTH,
-                    json={"prompt": "a", "response_format": "url"})
+    r = client.post(
+        f"{nano_emu.base_url}/images/generations", headers=AUTH, json={"prompt": "a", "response_format": "url"}
+    )
     assert set(r.json()["data"][0]) == {"url"}
     d = client.get(f"{nano_emu.origin}/api/v1/image-models", params={"detailed": "true"})  # no auth
     assert d.status_code == 200
     models = {m["id"]: m for m in d.json()["data"]}
     assert set(models) == {"hidream", "flux-kontext", "flux-lora/inpainting", "gpt-image-1"}
-    assert set(models["flux-kontext"]["capabilities"]) == {"text_to_image", "image_to_image", "inpainting", "multi_image"}
+    assert set(models["flux-kontext"]["capabilities"]) == {
+        "text_to_image",
+        "image_to_image",
+        "inpainting",
+        "multi_image",
+    }
     sp = models["hidream"]["supported_parameters"]
     assert sp["resolutions"] == ["1024x1024", "768x1360", "1360x768"] and sp["n"] == {"min": 1, "max": 4}
     assert models["gpt-image-1"]["supported_parameters"]["max_input_images"] == 8
@@ -357,15 +409,33 @@ def test_nano_inputs(nano_emu: NanoGptEmulator, client: httpx2.Client) -> None:
     img = to_data_url(_png(64, 64))
     r = client.post(url, headers=AUTH, json={"prompt": "a", "imageDataUrl": img})
     assert r.status_code == 400 and "model does not support image input" in r.json()["error"]["message"]
-    r = client.post(url, headers=AUTH, json={"prompt": "a", "model": "flux-kontext", "imageDataUrls": [img, img],
-                                             "strength": 0.5, "seed": 7, "kontext_max_mode": True,
-                                             "size": "1376x768"})
+    r = client.post(
+        url,
+        headers=AUTH,
+        json={
+            "prompt": "a",
+            "model": "flux-kontext",
+            "imageDataUrls": [img, img],
+            "strength": 0.5,
+            "seed": 7,
+            "kontext_max_mode": True,
+            "size": "1376x768",
+        },
+    )
     assert r.status_code == 200, r.text
     assert _decode(r.json()["data"][0]["b64_json"]).size == (1376, 768)
     r = client.post(url, headers=AUTH, json={"prompt": "a", "model": "flux-lora/inpainting", "imageDataUrl": img})
     assert r.status_code == 400
-    r = client.post(url, headers=AUTH, json={"prompt": "a", "model": "flux-lora/inpainting", "imageDataUrl": img,
-                                             "maskDataUrl": to_data_url(_png(64, 64, "L"))})
+    r = client.post(
+        url,
+        headers=AUTH,
+        json={
+            "prompt": "a",
+            "model": "flux-lora/inpainting",
+            "imageDataUrl": img,
+            "maskDataUrl": to_data_url(_png(64, 64, "L")),
+        },
+    )
     assert r.status_code == 200
     huge = "data:image/png;base64," + "A" * 4_000_001
     r = client.post(url, headers=AUTH, json={"prompt": "a", "model": "flux-kontext", "imageDataUrl": huge})
@@ -401,20 +471,34 @@ def test_nano_balance_auth_fallback(client: httpx2.Client) -> None:
 
 def test_llm_vin(vin_emu: LlmVinEmulator, client: httpx2.Client) -> None:
     url = f"{vin_emu.base_url}/images/generations"
-    r = client.post(url, json={"model": "flux-1", "prompt": "a", "n": 2, "size": "1024x1792",
-                               "guidance_scale": 7.5, "num_inference_steps": 50})
+    r = client.post(
+        url,
+        json={
+            "model": "flux-1",
+            "prompt": "a",
+            "n": 2,
+            "size": "1024x1792",
+            "guidance_scale": 7.5,
+            "num_inference_steps": 50,
+        },
+    )
     body = r.json()
     assert r.status_code == 200 and set(body) == {"created", "data"} and len(body["data"]) == 2
     assert set(body["data"][0]) == {"url"}
     assert Image.open(io.BytesIO(client.get(body["data"][0]["url"]).content)).size == (1024, 1792)
     r = client.post(url, json={"model": "flux-1", "prompt": "a", "size": "2048x2048"})
-    assert r.status_code == 400 and r.json() == {"error": {
-        "message": "Invalid image size '2048x2048'. Allowed sizes: 1024x1024, 1024x1792, 1792x1024",
-        "type": "invalid_request_error"}}
+    assert r.status_code == 400 and r.json() == {
+        "error": {
+            "message": "Invalid image size '2048x2048'. Allowed sizes: 1024x1024, 1024x1792, 1792x1024",
+            "type": "invalid_request_error",
+        }
+    }
     assert client.post(url, json={"model": "sdxl", "prompt": "a"}).status_code == 404
     assert client.post(url, json={"model": "flux-1", "prompt": "a", "response_format": "b64_json"}).status_code == 400
-    assert client.post(url, headers={"Authorization": "Bearer nope"},
-                       json={"model": "flux-1", "prompt": "a"}).status_code == 401
+    assert (
+        client.post(url, headers={"Authorization": "Bearer nope"}, json={"model": "flux-1", "prompt": "a"}).status_code
+        == 401
+    )
     assert client.post(url, headers=AUTH, json={"model": "flux-1", "prompt": "a"}).status_code == 200
 
 
@@ -438,8 +522,9 @@ def test_llm_vin_rate_limit(vin_emu: LlmVinEmulator, client: httpx2.Client) -> N
 
 def test_modelmax(mm_emu: ModelmaxEmulator, client: httpx2.Client) -> None:
     url = f"{mm_emu.base_url}/images/generations"
-    r = client.post(url, headers=AUTH, json={"model": "imagen-3", "prompt": "a lake", "quality": "hd",
-                                             "style": "natural", "n": 2})
+    r = client.post(
+        url, headers=AUTH, json={"model": "imagen-3", "prompt": "a lake", "quality": "hd", "style": "natural", "n": 2}
+    )
     body = r.json()
     assert r.status_code == 200 and set(body["data"][0]) == {"url", "revised_prompt"}
     assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -466,8 +551,9 @@ def test_modelmax(mm_emu: ModelmaxEmulator, client: httpx2.Client) -> None:
 
 
 def _mm(client: httpx2.Client, emu: ModelmaxEmulator, **extra: object) -> httpx2.Response:
-    return client.post(f"{emu.base_url}/images/generations", headers=AUTH,
-                       json={"model": "imagen-3", "prompt": "a", **extra})
+    return client.post(
+        f"{emu.base_url}/images/generations", headers=AUTH, json={"model": "imagen-3", "prompt": "a", **extra}
+    )
 
 
 def test_fault_status_retry_after_and_times(mm_emu: ModelmaxEmulator, client: httpx2.Client) -> None:
@@ -488,8 +574,9 @@ def test_fault_delay_and_drip(mm_emu: ModelmaxEmulator, client: httpx2.Client) -
     assert time.monotonic() - t >= 0.4
     mm_emu.inject(Fault.drip(0.8, chunks=4))
     t = time.monotonic()
-    with client.stream("POST", f"{mm_emu.base_url}/images/generations", headers=AUTH,
-                       json={"model": "imagen-3", "prompt": "a"}) as r:
+    with client.stream(
+        "POST", f"{mm_emu.base_url}/images/generations", headers=AUTH, json={"model": "imagen-3", "prompt": "a"}
+    ) as r:
         headers_at = time.monotonic() - t
         body = r.read()
     assert headers_at < 0.5 and time.monotonic() - t >= 0.8
@@ -519,7 +606,7 @@ def test_fault_payloads(mm_emu: ModelmaxEmulator, client: httpx2.Client) -> None
         base64.b64decode(b64, validate=True)
     mm_emu.inject(Fault.not_image())
     raw = base64.b64decode(_mm(client, mm_emu, response_format="b64_json").json()["data"][0]["b64_json"])
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         Image.open(io.BytesIO(raw))
     mm_emu.inject(Fault.url_404())
     r = client.get(_mm(client, mm_emu).json()["data"][0]["url"])
@@ -569,7 +656,9 @@ def test_fault_path_filter(openai_emu: OpenAIEmulator, client: httpx2.Client) ->
 def test_main_subprocess(client: httpx2.Client) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.emulators", "llm-vin", "--port", "0", "--latency", "0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     try:

@@ -46,7 +46,9 @@ def png(width: int, height: int, color: tuple[int, ...] = (200, 30, 30), mode: s
 
 def input_image(data: bytes, source: str = "test.png", image_id: str | None = None) -> InputImage:
     with Image.open(io.BytesIO(data)) as im:
-        return InputImage(data=data, mime_type="image/png", width=im.width, height=im.height, source=source, image_id=image_id)
+        return InputImage(
+            data=data, mime_type="image/png", width=im.width, height=im.height, source=source, image_id=image_id
+        )
 
 
 def alpha_mask(width: int, height: int) -> bytes:
@@ -81,7 +83,9 @@ GENERATE_CASES = [
 
 
 @pytest.mark.parametrize(("provider", "model", "size"), GENERATE_CASES)
-async def test_generate_on_each_gateway(tmp_path: Path, emulator: Any, provider: str, model: str, size: str | None) -> None:
+async def test_generate_on_each_gateway(
+    tmp_path: Path, emulator: Any, provider: str, model: str, size: str | None
+) -> None:
     emu = emulator(provider, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest(operation="generate", prompt="a red fox", model=model, size=size))
@@ -107,7 +111,11 @@ async def test_gpt_image_never_gets_response_format(tmp_path: Path, emulator: An
     emu = emulator("openai", api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     request = ImageRequest(
-        operation="generate", prompt="x", model="gpt-image-1", extra={"response_format": "url"}, knobs={"quality": "low"}
+        operation="generate",
+        prompt="x",
+        model="gpt-image-1",
+        extra={"response_format": "url"},
+        knobs={"quality": "low"},
     )
     result = await run(settings, request)
     sent = emu.requests_to("/images/generations")[0].json
@@ -284,9 +292,7 @@ async def test_ai_nebula_edit_replays_lineage_as_turns(tmp_path: Path, emulator:
 async def test_list_models_merges_manifests_and_discovery(tmp_path: Path, emulator: Any) -> None:
     nano = emulator("nano-gpt", api_key=SECRET_KEY)
     openai = emulator("openai", api_key=SECRET_KEY)
-    settings = make_settings(
-        tmp_path, [endpoint_for(nano, key=SECRET_KEY), endpoint_for(openai, key=SECRET_KEY)]
-    )
+    settings = make_settings(tmp_path, [endpoint_for(nano, key=SECRET_KEY), endpoint_for(openai, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         models, warnings = await service.list_models()
         assert warnings == []
@@ -433,9 +439,7 @@ async def test_offline_endpoint_generates_and_edits_inside_the_mask(tmp_path: Pa
         assert [(i.width, i.height) for i in made.images] == [(320, 200), (320, 200)]
         [source], _ = await service.resolve_inputs([made.images[0].uri], None)
         mask_img = input_image(alpha_mask(320, 200), "mask.png")
-        edited = await service.generate(
-            ImageRequest(operation="edit", prompt="snow", images=[source], mask=mask_img)
-        )
+        edited = await service.generate(ImageRequest(operation="edit", prompt="snow", images=[source], mask=mask_img))
     with Image.open(made.images[0].path) as a, Image.open(edited.images[0].path) as b:
         a, b = a.convert("RGB"), b.convert("RGB")
         assert a.getpixel((300, 100)) == b.getpixel((300, 100))  # outside the mask: unchanged

@@ -82,7 +82,9 @@ def offline_settings(tmp_path: Path, **overrides: Any) -> Settings:
 def emulator_settings(tmp_path: Path, emu: OpenAIEmulator, **overrides: Any) -> Settings:
     endpoint = EndpointConfig(name="oa", provider="openai", base_url=emu.base_url)
     endpoint.api_key = SecretStr(DEFAULT_API_KEY)
-    return offline_settings(tmp_path, endpoints=[endpoint, EndpointConfig(name="offline", provider="offline")], **overrides)
+    return offline_settings(
+        tmp_path, endpoints=[endpoint, EndpointConfig(name="offline", provider="offline")], **overrides
+    )
 
 
 @asynccontextmanager
@@ -132,8 +134,22 @@ async def test_tools_are_listed_with_schemas_annotations_and_output_schemas(tmp_
     gen = tools["generate_image"]
     assert gen.input_schema["required"] == ["prompt"]
     props = gen.input_schema["properties"]
-    assert {"model", "endpoint", "n", "size", "quality", "style", "seed", "negative_prompt", "background",
-            "output_format", "guidance_scale", "num_inference_steps", "extra", "inline_full"} <= set(props)
+    assert {
+        "model",
+        "endpoint",
+        "n",
+        "size",
+        "quality",
+        "style",
+        "seed",
+        "negative_prompt",
+        "background",
+        "output_format",
+        "guidance_scale",
+        "num_inference_steps",
+        "extra",
+        "inline_full",
+    } <= set(props)
     assert props["n"]["maximum"] == 10 and props["n"]["minimum"] == 1
     assert "list_models" in props["model"]["description"]
     assert "ctx" not in props
@@ -216,7 +232,10 @@ async def test_generate_n3_reports_progress_per_image(tmp_path: Path, mode: str)
 
     async with connect(offline_settings(tmp_path), mode) as client:
         result = await ok(
-            client, "generate_image", {"prompt": "three foxes", "n": 3, "size": "128x128"}, progress_callback=on_progress
+            client,
+            "generate_image",
+            {"prompt": "three foxes", "n": 3, "size": "128x128"},
+            progress_callback=on_progress,
         )
     assert len(result.structured_content["images"]) == 3
     assert len(blocks(result, ImageContent)) == 3 and len(blocks(result, ResourceLink)) == 3
@@ -291,7 +310,11 @@ async def test_edit_by_uri_path_data_url_base64_and_mask(tmp_path: Path, mode: s
         masked = await ok(
             client,
             "edit_image",
-            {"prompt": "blue sky", "images": str(src_path), "mask": "data:image/png;base64," + base64.b64encode(mask).decode()},
+            {
+                "prompt": "blue sky",
+                "images": str(src_path),
+                "mask": "data:image/png;base64," + base64.b64encode(mask).decode(),
+            },
         )
         assert masked.structured_content["images"]
 
@@ -310,7 +333,9 @@ async def test_edit_bad_inputs_name_the_problem(tmp_path: Path, mode: str) -> No
         assert "missing.png" in text
         text = await error_text(client, "edit_image", {"prompt": "x", "images": str(outside / "secret.png")})
         assert "secret.png" in text and "allowed" in text.lower()
-        text = await error_text(client, "edit_image", {"prompt": "x", "images": "imagegen://images/AAAAAAAAAAAAAAAAAAAAAA"})
+        text = await error_text(
+            client, "edit_image", {"prompt": "x", "images": "imagegen://images/AAAAAAAAAAAAAAAAAAAAAA"}
+        )
         assert "AAAAAAAAAAAAAAAAAAAAAA" in text
         assert "`images`" in await error_text(client, "edit_image", {"prompt": "x"})
         assert "`images`" in await error_text(client, "edit_image", {"prompt": "x", "images": []})
@@ -374,7 +399,9 @@ async def test_result_stays_under_one_mib_with_four_big_photos(
     emu.set_image(big_photo)
     async with connect(emulator_settings(tmp_path, emu), mode) as client:
         schema = (await tool_schemas(client))["generate_image"].output_schema
-        result = await ok(client, "generate_image", {"prompt": "photos", "model": "dall-e-2", "n": 4, "size": "1024x1024"})
+        result = await ok(
+            client, "generate_image", {"prompt": "photos", "model": "dall-e-2", "n": 4, "size": "1024x1024"}
+        )
         size = len(result.model_dump_json(by_alias=True, exclude_none=True).encode())
         assert size < RESULT_CAP_BYTES < MIB
         jsonschema.validate(result.structured_content, schema)
@@ -423,8 +450,15 @@ async def test_tight_budget_leaves_out_previews_but_keeps_links_and_paths(tmp_pa
     noise.save(buf, "PNG", compress_level=1)
     data = buf.getvalue()
     images = [
-        SavedImage(id=f"img{i:019d}", uri=f"imagegen://images/img{i:019d}", path=f"/x/{i}.png",
-                   mime_type="image/png", width=700, height=500, bytes=len(data))
+        SavedImage(
+            id=f"img{i:019d}",
+            uri=f"imagegen://images/img{i:019d}",
+            path=f"/x/{i}.png",
+            mime_type="image/png",
+            width=700,
+            height=500,
+            bytes=len(data),
+        )
         for i in range(6)
     ]
     for cap in (60_000, 30_000, 8_000):
@@ -496,8 +530,12 @@ async def test_heartbeats_while_a_gateway_works(
         seen.append((progress, message))
 
     async with connect(emulator_settings(tmp_path, emu), mode) as client:
-        await ok(client, "generate_image", {"prompt": "slow", "model": "dall-e-2", "size": "256x256"},
-                 progress_callback=on_progress)
+        await ok(
+            client,
+            "generate_image",
+            {"prompt": "slow", "model": "dall-e-2", "size": "256x256"},
+            progress_callback=on_progress,
+        )
     beats = [m for _, m in seen if m and m.startswith("generating")]
     assert len(beats) >= 3, seen
     values = [p for p, _ in seen]

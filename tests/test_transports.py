@@ -148,8 +148,11 @@ def test_stdio_stdout_carries_only_json_rpc(tmp_path: Path) -> None:
         assert {t["name"] for t in tools} >= {"generate_image", "edit_image", "list_models"}
         call = server.request(
             "tools/call",
-            {"name": "generate_image", "arguments": {"prompt": "a stdio fox", "size": "64x48", "n": 2},
-             "_meta": {"progressToken": "p1"}},
+            {
+                "name": "generate_image",
+                "arguments": {"prompt": "a stdio fox", "size": "64x48", "n": 2},
+                "_meta": {"progressToken": "p1"},
+            },
         )
         result = call["result"]
         assert not result.get("isError"), result
@@ -176,7 +179,9 @@ def test_stdio_stdout_carries_only_json_rpc(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def stdio_client_for(tmp_path: Path, mode: str = "auto") -> AsyncIterator[Client]:
-    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=stdio_env(tmp_path), cwd=tmp_path)
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "mcp_imagegen"], env=stdio_env(tmp_path), cwd=tmp_path
+    )
     with (tmp_path / "client-stderr.log").open("a") as errlog:
         from mcp.client.stdio import stdio_client
 

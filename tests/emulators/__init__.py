@@ -1,9 +1,9 @@
 """Loopback HTTP emulators of the image gateways, for tests and benchmarks.
 
-    with NanoGptEmulator(api_key="k") as emu:
-        emu.inject(Fault.http(503, retry_after=1))
-        ... httpx2.post(f"{emu.base_url}/images/generations", ...) ...
-        emu.requests[-1].json
+with NanoGptEmulator(api_key="k") as emu:
+    emu.inject(Fault.http(503, retry_after=1))
+    ... httpx2.post(f"{emu.base_url}/images/generations", ...) ...
+    emu.requests[-1].json
 """
 
 from __future__ import annotations

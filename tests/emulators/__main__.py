@@ -19,16 +19,21 @@ from .images import render
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.emulators", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.emulators", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("provider", choices=sorted(EMULATORS))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--image", choices=("flat", "photo"), default="flat")
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
-    parser.add_argument("--warm", default="", metavar="SIZES",
-                        help="comma-separated WxH sizes to pre-render before READY, e.g. 1024x1024,1536x1024")
+    parser.add_argument(
+        "--warm",
+        default="",
+        metavar="SIZES",
+        help="comma-separated WxH sizes to pre-render before READY, e.g. 1024x1024,1536x1024",
+    )
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a key")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)

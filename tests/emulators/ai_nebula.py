@@ -44,9 +44,13 @@ class AiNebulaEmulator(Emulator):
         return GatewayError(404, f"Route not found: {call.rec.method} {call.path}", type="http")
 
     def status_error(self, status: int, code: str | None, message: str | None) -> GatewayError:
-        default = {429: "Too many requests, please try again later", 500: "Internal server error",
-                   502: "Upstream service error", 503: "Service temporarily unavailable",
-                   504: "Upstream request timed out"}.get(status, f"HTTP {status}")
+        default = {
+            429: "Too many requests, please try again later",
+            500: "Internal server error",
+            502: "Upstream service error",
+            503: "Service temporarily unavailable",
+            504: "Upstream request timed out",
+        }.get(status, f"HTTP {status}")
         return GatewayError(status, message or default, type="http")
 
     def relay_error(self, fault: Fault) -> GatewayError:
@@ -111,7 +115,7 @@ class AiNebulaEmulator(Emulator):
             for j, part in enumerate(parts):
                 pwhere = f"{where}.parts[{j}]"
                 if not isinstance(part, dict) or len(part) != 1 or next(iter(part)) not in ("text", "image"):
-                    raise self.business(400, f"{pwhere} must be {{\"text\": ...}} or {{\"image\": \"data:...\"}}")
+                    raise self.business(400, f'{pwhere} must be {{"text": ...}} or {{"image": "data:..."}}')
                 if "text" in part:
                     if not isinstance(part["text"], str):
                         raise self.business(400, f"{pwhere}.text must be a string")

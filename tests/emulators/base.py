@@ -113,8 +113,15 @@ class Fault:
         body: Any = None,
     ) -> Fault:
         """Answer `status` with the gateway's own error body (or `body`)."""
-        return cls("status", status=status, retry_after=retry_after, retry_after_ms=retry_after_ms,
-                   message=message, code=code, body=body)
+        return cls(
+            "status",
+            status=status,
+            retry_after=retry_after,
+            retry_after_ms=retry_after_ms,
+            message=message,
+            code=code,
+            body=body,
+        )
 
     @classmethod
     def rate_limit(cls, retry_after: float | str | None = 1, retry_after_ms: int | None = None) -> Fault:
@@ -635,16 +642,18 @@ class Emulator:
                 items.append({"url": images.to_data_url(data, images.MIME_TYPES.get(fmt))})
             else:
                 content_type = images.MIME_TYPES.get(images.sniff(data) or fmt, "image/png")
-                items.append({"url": self.publish(data, content_type, expired=kind == "url_expired",
-                                                  missing=kind == "url_404")})
+                items.append(
+                    {"url": self.publish(data, content_type, expired=kind == "url_expired", missing=kind == "url_404")}
+                )
         return items
 
     def url_falls_back(self) -> bool:
         """Whether url requests get b64_json anyway (a gateway setting; nano-gpt only)."""
         return False
 
-    def publish(self, data: bytes, content_type: str = "image/png", *, expired: bool = False,
-                missing: bool = False) -> str:
+    def publish(
+        self, data: bytes, content_type: str = "image/png", *, expired: bool = False, missing: bool = False
+    ) -> str:
         """Store `data` and return a signed-looking URL for it on this emulator."""
         token = secrets.token_hex(16)
         signature = secrets.token_hex(32)
@@ -671,13 +680,29 @@ class Emulator:
         if stored is None:
             return Reply(404, _s3_error("NoSuchKey", "The specified key does not exist.", Key=name), xml)
         if call.rec.query.get("X-Amz-Signature") != stored.signature:
-            return Reply(403, _s3_error("SignatureDoesNotMatch", "The request signature we calculated does not "
-                                        "match the signature you provided."), xml)
+            return Reply(
+                403,
+                _s3_error(
+                    "SignatureDoesNotMatch",
+                    "The request signature we calculated does not match the signature you provided.",
+                ),
+                xml,
+            )
         if stored.expires_at is not None and time.time() > stored.expires_at:
             expired_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_at))
-            return Reply(403, _s3_error("AccessDenied", "Request has expired", **{
-                "X-Amz-Expires": "3600", "Expires": expired_at,
-                "ServerTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), xml)
+            return Reply(
+                403,
+                _s3_error(
+                    "AccessDenied",
+                    "Request has expired",
+                    **{
+                        "X-Amz-Expires": "3600",
+                        "Expires": expired_at,
+                        "ServerTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                ),
+                xml,
+            )
         return Reply(200, stored.data, stored.content_type, headers={"ETag": f'"{token}"'})
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -704,8 +729,7 @@ class Emulator:
                     rec.form_fields.append(name)
                     if isinstance(value, UploadFile):
                         data = await value.read()
-                        rec.files.setdefault(name, []).append(
-                            UploadedFile(value.filename, value.content_type, data))
+                        rec.files.setdefault(name, []).append(UploadedFile(value.filename, value.content_type, data))
                     else:
                         rec.form[name] = value
                 await form.close()
@@ -744,8 +768,11 @@ class Emulator:
     def _fault_reply(self, fault: Fault) -> Reply:
         if fault.kind == "status":
             if fault.body is not None:
-                reply = Reply(fault.status, fault.body,
-                              "application/json" if isinstance(fault.body, (dict, list)) else "text/plain")
+                reply = Reply(
+                    fault.status,
+                    fault.body,
+                    "application/json" if isinstance(fault.body, (dict, list)) else "text/plain",
+                )
             else:
                 err = self.status_error(fault.status, fault.code, fault.message)
                 reply = self.render_error(err)
@@ -762,7 +789,9 @@ class Emulator:
             reply.status = 200
             return reply
         if fault.kind == "invalid_json":
-            body = fault.body if fault.body is not None else b'{"created": 1700000000, "data": [{"b64_json": undefined}]}'
+            body = (
+                fault.body if fault.body is not None else b'{"created": 1700000000, "data": [{"b64_json": undefined}]}'
+            )
             return Reply(200, body, "application/json")
         if fault.kind == "huge":
             return self._huge_reply(fault)
@@ -770,8 +799,12 @@ class Emulator:
 
     def relay_error(self, fault: Fault) -> GatewayError:
         """The error a relay wraps in an HTTP 200 (`Fault.http200_error`)."""
-        return GatewayError(fault.status, fault.message or "upstream error: bad response from the provider",
-                            type="upstream_error", code=fault.code or "bad_response_status_code")
+        return GatewayError(
+            fault.status,
+            fault.message or "upstream error: bad response from the provider",
+            type="upstream_error",
+            code=fault.code or "bad_response_status_code",
+        )
 
     def _huge_reply(self, fault: Fault) -> Reply:
         head = b'{"created":%d,"data":[{"b64_json":"' % int(time.time())
@@ -801,8 +834,7 @@ class Emulator:
         if wire is not None and wire.kind == "drip":
             headers = dict(reply.headers)
             headers["Content-Length"] = str(len(body))
-            return StreamingResponse(_drip(body, wire.seconds, wire.chunks), reply.status, headers,
-                                     reply.media_type)
+            return StreamingResponse(_drip(body, wire.seconds, wire.chunks), reply.status, headers, reply.media_type)
         return Response(body, reply.status, reply.headers, reply.media_type)
 
 

@@ -130,9 +130,7 @@ def image_info(data: bytes) -> ImageInfo | None:
     """What the header says about an image; None when Pillow cannot open the bytes."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-                img.mode == "P" and "transparency" in img.info
-            )
+            alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
             return ImageInfo((img.format or "").lower(), img.width, img.height, img.mode, alpha)
     except Exception:
         return None

@@ -22,8 +22,13 @@ class LlmVinEmulator(Emulator):
     provider_id: ClassVar[str] = "llm-vin"
     default_auth_required: ClassVar[bool] = False
 
-    def __init__(self, *args: Any, rate_limit_per_minute: int | None = None,
-                 rate_limit_per_minute_authenticated: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        rate_limit_per_minute: int | None = None,
+        rate_limit_per_minute_authenticated: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.rate_limit_per_minute = rate_limit_per_minute  # callers without a key; None: unlimited
         self.rate_limit_per_minute_authenticated = rate_limit_per_minute_authenticated
         self._windows: dict[bool, deque[float]] = {False: deque(), True: deque()}
@@ -42,8 +47,9 @@ class LlmVinEmulator(Emulator):
         return GatewayError(status, message, type="invalid_request_error")
 
     def auth_error(self, token: str | None) -> GatewayError:
-        return GatewayError(401, "Invalid API key" if token is not None else "API key required",
-                            type="authentication_error")
+        return GatewayError(
+            401, "Invalid API key" if token is not None else "API key required", type="authentication_error"
+        )
 
     def status_error(self, status: int, code: str | None, message: str | None) -> GatewayError:
         defaults = {
@@ -70,9 +76,12 @@ class LlmVinEmulator(Emulator):
                 window.popleft()
             if len(window) >= limit:
                 wait = max(1, math.ceil(60 - (now - window[0])))
-                raise GatewayError(429, "Rate limit exceeded", type="rate_limit_error",
-                                   headers={"Retry-After": str(wait), "X-RateLimit-Limit": str(limit),
-                                            "X-RateLimit-Remaining": "0"})
+                raise GatewayError(
+                    429,
+                    "Rate limit exceeded",
+                    type="rate_limit_error",
+                    headers={"Retry-After": str(wait), "X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": "0"},
+                )
             window.append(now)
 
     def reset(self) -> None:
@@ -112,8 +121,9 @@ class LlmVinEmulator(Emulator):
             raise self.bad(f"Invalid image size '{size}'. Allowed sizes: {', '.join(spec['sizes'])}")
         if "guidance_scale" in body and not (is_number(body["guidance_scale"]) and body["guidance_scale"] >= 0):
             raise self.bad("Invalid value for 'guidance_scale': must be a non-negative number")
-        if "num_inference_steps" in body and not (is_int(body["num_inference_steps"])
-                                                  and body["num_inference_steps"] >= 1):
+        if "num_inference_steps" in body and not (
+            is_int(body["num_inference_steps"]) and body["num_inference_steps"] >= 1
+        ):
             raise self.bad("Invalid value for 'num_inference_steps': must be a positive integer")
         width, height = parse_size(size)
         data = await self.make_images(call, n=n, width=width, height=height, response_format="url")

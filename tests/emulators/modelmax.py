@@ -37,8 +37,9 @@ class ModelmaxEmulator(Emulator):
         return GatewayError(400, message, type="invalid_request_error")
 
     def auth_error(self, token: str | None) -> GatewayError:
-        return GatewayError(401, "Invalid API key" if token is not None else "Missing API key",
-                            type="authentication_error")
+        return GatewayError(
+            401, "Invalid API key" if token is not None else "Missing API key", type="authentication_error"
+        )
 
     def status_error(self, status: int, code: str | None, message: str | None) -> GatewayError:
         defaults = {
@@ -101,8 +102,11 @@ class ModelmaxEmulator(Emulator):
             self.balance = round(self.balance - cost, 6)
         for item in data:
             item["revised_prompt"] = f"{prompt.rstrip('.')}, rendered in a {style} style"
-        return Reply(200, {
-            "created": int(time.time()),
-            "data": data,
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        })
+        return Reply(
+            200,
+            {
+                "created": int(time.time()),
+                "data": data,
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            },
+        )

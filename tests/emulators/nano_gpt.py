@@ -17,10 +17,24 @@ from .base import Call, Emulator, GatewayError, Handler, Reply, is_int, is_numbe
 
 MAX_DATA_URL_CHARS = 4_000_000
 UNLIMITED_BALANCE = 999_999.0
-FIELDS = frozenset({
-    "prompt", "model", "n", "size", "response_format", "user", "imageDataUrl", "imageDataUrls",
-    "maskDataUrl", "strength", "guidance_scale", "num_inference_steps", "seed", "kontext_max_mode",
-})
+FIELDS = frozenset(
+    {
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "response_format",
+        "user",
+        "imageDataUrl",
+        "imageDataUrls",
+        "maskDataUrl",
+        "strength",
+        "guidance_scale",
+        "num_inference_steps",
+        "seed",
+        "kontext_max_mode",
+    }
+)
 KNOBS = ("strength", "guidance_scale", "num_inference_steps", "seed", "kontext_max_mode")
 
 
@@ -40,30 +54,85 @@ class NanoModel:
     requires_mask: bool = False
 
     def capabilities(self) -> dict[str, bool]:
-        return {"text_to_image": self.text_to_image, "image_to_image": self.image_to_image,
-                "inpainting": self.inpainting, "multi_image": self.max_input_images > 1}
+        return {
+            "text_to_image": self.text_to_image,
+            "image_to_image": self.image_to_image,
+            "inpainting": self.inpainting,
+            "multi_image": self.max_input_images > 1,
+        }
 
 
-MODELS: dict[str, NanoModel] = {m.id: m for m in (
-    NanoModel("hidream", "HiDream", "HiDream-I1: fast, high-quality text-to-image.",
-              ("1024x1024", "768x1360", "1360x768"), 4, True, False, False, 0,
-              frozenset({"guidance_scale", "num_inference_steps", "seed"}), 0.01),
-    NanoModel("flux-kontext", "Flux Kontext", "FLUX.1 Kontext: generation and in-context image editing.",
-              ("1024x1024", "1376x768", "768x1376"), 1, True, True, False, 4,
-              frozenset({"strength", "guidance_scale", "seed", "kontext_max_mode"}), 0.04),
-    NanoModel("flux-lora/inpainting", "Flux Inpainting", "FLUX inpainting: edits the white area of a mask.",
-              ("1024x1024",), 1, False, True, True, 1,
-              frozenset({"strength", "guidance_scale", "num_inference_steps", "seed"}), 0.035, requires_mask=True),
-    NanoModel("gpt-image-1", "GPT Image 1", "OpenAI gpt-image-1: generation and multi-image editing.",
-              ("1024x1024", "1536x1024", "1024x1536", "auto"), 4, True, True, False, 8, frozenset(), 0.04),
-)}
+MODELS: dict[str, NanoModel] = {
+    m.id: m
+    for m in (
+        NanoModel(
+            "hidream",
+            "HiDream",
+            "HiDream-I1: fast, high-quality text-to-image.",
+            ("1024x1024", "768x1360", "1360x768"),
+            4,
+            True,
+            False,
+            False,
+            0,
+            frozenset({"guidance_scale", "num_inference_steps", "seed"}),
+            0.01,
+        ),
+        NanoModel(
+            "flux-kontext",
+            "Flux Kontext",
+            "FLUX.1 Kontext: generation and in-context image editing.",
+            ("1024x1024", "1376x768", "768x1376"),
+            1,
+            True,
+            True,
+            False,
+            4,
+            frozenset({"strength", "guidance_scale", "seed", "kontext_max_mode"}),
+            0.04,
+        ),
+        NanoModel(
+            "flux-lora/inpainting",
+            "Flux Inpainting",
+            "FLUX inpainting: edits the white area of a mask.",
+            ("1024x1024",),
+            1,
+            False,
+            True,
+            True,
+            1,
+            frozenset({"strength", "guidance_scale", "num_inference_steps", "seed"}),
+            0.035,
+            requires_mask=True,
+        ),
+        NanoModel(
+            "gpt-image-1",
+            "GPT Image 1",
+            "OpenAI gpt-image-1: generation and multi-image editing.",
+            ("1024x1024", "1536x1024", "1024x1536", "auto"),
+            4,
+            True,
+            True,
+            False,
+            8,
+            frozenset(),
+            0.04,
+        ),
+    )
+}
 
 
 class NanoGptEmulator(Emulator):
     provider_id: ClassVar[str] = "nano-gpt"
 
-    def __init__(self, *args: Any, balance: float | None = 100.0, payment_source: str = "USD",
-                 url_fallback: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        balance: float | None = 100.0,
+        payment_source: str = "USD",
+        url_fallback: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.balance = balance  # USD; None: unlimited (remainingBalance then reports UNLIMITED_BALANCE)
         self.payment_source = payment_source  # "USD" or "XNO"
         self.url_fallback = url_fallback  # url requests get b64_json, as when presigning fails
@@ -124,18 +193,24 @@ class NanoGptEmulator(Emulator):
                 }
                 if m.requires_mask:
                     params["mask"] = {"required": True, "white_area": "edit"}
-                ranges = {"strength": {"min": 0, "max": 1}, "guidance_scale": {"min": 0, "max": 20},
-                          "num_inference_steps": {"min": 1, "max": 100}, "seed": {"type": "integer"},
-                          "kontext_max_mode": {"type": "boolean"}}
+                ranges = {
+                    "strength": {"min": 0, "max": 1},
+                    "guidance_scale": {"min": 0, "max": 20},
+                    "num_inference_steps": {"min": 1, "max": 100},
+                    "seed": {"type": "integer"},
+                    "kontext_max_mode": {"type": "boolean"},
+                }
                 for knob in KNOBS:
                     if knob in m.knobs:
                         params[knob] = ranges[knob]
-                entry.update({
-                    "description": m.description,
-                    "capabilities": m.capabilities(),
-                    "supported_parameters": params,
-                    "pricing": {"per_image": m.price, "currency": "USD"},
-                })
+                entry.update(
+                    {
+                        "description": m.description,
+                        "capabilities": m.capabilities(),
+                        "supported_parameters": params,
+                        "pricing": {"per_image": m.price, "currency": "USD"},
+                    }
+                )
             data.append(entry)
         return Reply(200, {"object": "list", "data": data})
 
@@ -176,8 +251,9 @@ class NanoGptEmulator(Emulator):
             raise self.bad(f"n must be an integer between 1 and {model.max_n} for model {model.id}")
         size = body.get("size", model.resolutions[0])
         if size not in model.resolutions:
-            raise self.bad(f"Invalid size {size!r} for model {model.id}. Supported resolutions: "
-                           f"{', '.join(model.resolutions)}")
+            raise self.bad(
+                f"Invalid size {size!r} for model {model.id}. Supported resolutions: {', '.join(model.resolutions)}"
+            )
         response_format = body.get("response_format", "b64_json")
         if response_format not in ("b64_json", "url"):
             raise self.bad("response_format must be 'b64_json' or 'url'")
@@ -217,13 +293,16 @@ class NanoGptEmulator(Emulator):
         data = await self.make_images(call, n=n, width=width, height=height, response_format=response_format)
         if self.balance is not None:
             self.balance = round(self.balance - cost, 6)
-        return Reply(200, {
-            "created": int(time.time()),
-            "data": data,
-            "cost": cost,
-            "paymentSource": self.payment_source,
-            "remainingBalance": self.balance if self.balance is not None else UNLIMITED_BALANCE,
-        })
+        return Reply(
+            200,
+            {
+                "created": int(time.time()),
+                "data": data,
+                "cost": cost,
+                "paymentSource": self.payment_source,
+                "remainingBalance": self.balance if self.balance is not None else UNLIMITED_BALANCE,
+            },
+        )
 
     def _check_knobs(self, model: NanoModel, body: dict[str, Any]) -> None:
         for knob in KNOBS:

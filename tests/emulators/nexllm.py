@@ -17,9 +17,15 @@ from .base import Call, GatewayError, Reply
 from .openai import DALL_E_2, DALL_E_3, ImageModel, OpenAIEmulator
 
 IMAGEN_4 = ImageModel(
-    "imagen-4.0-generate-001", "imagen", ("1024x1024", "1792x1024", "1024x1792"), 4, 4000,
+    "imagen-4.0-generate-001",
+    "imagen",
+    ("1024x1024", "1792x1024", "1024x1792"),
+    4,
+    4000,
     frozenset({"model", "prompt", "n", "size", "response_format", "user"}),
-    default_response_format="b64_json", created=1626777600, owned_by="vertex-ai",
+    default_response_format="b64_json",
+    created=1626777600,
+    owned_by="vertex-ai",
 )
 GATED_MODELS = {IMAGEN_4.id: "gemini-vertex"}  # model -> the key group that unlocks it
 
@@ -41,12 +47,17 @@ class NexLLMEmulator(OpenAIEmulator):
         message = err.message
         if err.type == "new_api_error":
             message = f"{message} (request id: {self._request_id()})"
-        return Reply(err.status, {"error": {
-            "message": message,
-            "type": err.type or "invalid_request_error",
-            "param": err.param or "",
-            "code": err.code,
-        }})
+        return Reply(
+            err.status,
+            {
+                "error": {
+                    "message": message,
+                    "type": err.type or "invalid_request_error",
+                    "param": err.param or "",
+                    "code": err.code,
+                }
+            },
+        )
 
     def _relay_error(self, status: int, message: str, code: str | None) -> GatewayError:
         return GatewayError(status, message, type="new_api_error", code=code)
@@ -60,17 +71,22 @@ class NexLLMEmulator(OpenAIEmulator):
         if status == 401:
             return self._relay_error(401, message or "Invalid token", code or "invalid_api_key")
         if status == 429 and code != "insufficient_quota":
-            return self._relay_error(429, message or "Your request rate is too high, please try again later",
-                                     code or "rate_limit_exceeded")
+            return self._relay_error(
+                429, message or "Your request rate is too high, please try again later", code or "rate_limit_exceeded"
+            )
         if status == 403:
-            return self._relay_error(403, message or "Your token quota has been used up", code or "insufficient_user_quota")
+            return self._relay_error(
+                403, message or "Your token quota has been used up", code or "insufficient_user_quota"
+            )
         return super().status_error(status, code, message)
 
     def unknown_model(self, model_id: str) -> GatewayError:
         # new-api's distributor answers 503 when no channel serves the model.
         return self._relay_error(
-            503, f"No available channel for model {model_id} under group {self.key_groups[0]} (distributor)",
-            "model_not_found")
+            503,
+            f"No available channel for model {model_id} under group {self.key_groups[0]} (distributor)",
+            "model_not_found",
+        )
 
     def _allowed(self, model: ImageModel) -> bool:
         group = GATED_MODELS.get(model.id)
@@ -82,14 +98,31 @@ class NexLLMEmulator(OpenAIEmulator):
                 403,
                 f"The {model.id} model is not available for your key's group ({', '.join(self.key_groups)}); "
                 f"it is served to the {GATED_MODELS[model.id]} group",
-                "model_not_allowed")
+                "model_not_allowed",
+            )
 
     def listed_models(self) -> list[dict[str, Any]]:
-        out = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by,
-                "supported_endpoint_types": ["image-generation"]}
-               for m in self.image_models.values() if self._allowed(m)]
-        out += [{"id": mid, "object": "model", "created": created, "owned_by": "custom",
-                 "supported_endpoint_types": ["openai"]} for mid, created in self.other_models.items()]
+        out = [
+            {
+                "id": m.id,
+                "object": "model",
+                "created": m.created,
+                "owned_by": m.owned_by,
+                "supported_endpoint_types": ["image-generation"],
+            }
+            for m in self.image_models.values()
+            if self._allowed(m)
+        ]
+        out += [
+            {
+                "id": mid,
+                "object": "model",
+                "created": created,
+                "owned_by": "custom",
+                "supported_endpoint_types": ["openai"],
+            }
+            for mid, created in self.other_models.items()
+        ]
         return out
 
     async def _models(self, call: Call) -> Reply:

@@ -18,23 +18,72 @@ from .base import Call, Emulator, GatewayError, Handler, Reply, UploadedFile, is
 CONTENT_POLICY_TRIGGER = "forbidden-content"
 
 # Every parameter the endpoints know; which of them a model takes is in ImageModel.
-GEN_FIELDS = frozenset({
-    "model", "prompt", "n", "size", "quality", "response_format", "style", "user", "background",
-    "moderation", "output_format", "output_compression",
-})
-EDIT_FIELDS = frozenset({
-    "image", "image[]", "mask", "model", "prompt", "n", "size", "quality", "response_format", "user",
-    "background", "output_format", "output_compression", "input_fidelity",
-})
+GEN_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "n",
+        "size",
+        "quality",
+        "response_format",
+        "style",
+        "user",
+        "background",
+        "moderation",
+        "output_format",
+        "output_compression",
+    }
+)
+EDIT_FIELDS = frozenset(
+    {
+        "image",
+        "image[]",
+        "mask",
+        "model",
+        "prompt",
+        "n",
+        "size",
+        "quality",
+        "response_format",
+        "user",
+        "background",
+        "output_format",
+        "output_compression",
+        "input_fidelity",
+    }
+)
 EDIT_FILE_FIELDS = frozenset({"image", "image[]", "mask"})
-_GPT_IMAGE_GEN = frozenset({
-    "model", "prompt", "n", "size", "quality", "user", "background", "moderation", "output_format",
-    "output_compression",
-})
-_GPT_IMAGE_EDIT = frozenset({
-    "image", "image[]", "mask", "model", "prompt", "n", "size", "quality", "user", "background",
-    "output_format", "output_compression", "input_fidelity",
-})
+_GPT_IMAGE_GEN = frozenset(
+    {
+        "model",
+        "prompt",
+        "n",
+        "size",
+        "quality",
+        "user",
+        "background",
+        "moderation",
+        "output_format",
+        "output_compression",
+    }
+)
+_GPT_IMAGE_EDIT = frozenset(
+    {
+        "image",
+        "image[]",
+        "mask",
+        "model",
+        "prompt",
+        "n",
+        "size",
+        "quality",
+        "user",
+        "background",
+        "output_format",
+        "output_compression",
+        "input_fidelity",
+    }
+)
 _GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
 _DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
 _DALLE2_SIZES = ("256x256", "512x512", "1024x1024")
@@ -70,22 +119,53 @@ class ImageModel:
 
 
 GPT_IMAGE_1 = ImageModel(
-    "gpt-image-1", "gpt-image", _GPT_IMAGE_SIZES, 10, 32000, _GPT_IMAGE_GEN, _GPT_IMAGE_EDIT,
-    default_size="auto", default_response_format=None, qualities=("low", "medium", "high", "auto"),
-    default_quality="auto", max_images=16, created=1745517030,
+    "gpt-image-1",
+    "gpt-image",
+    _GPT_IMAGE_SIZES,
+    10,
+    32000,
+    _GPT_IMAGE_GEN,
+    _GPT_IMAGE_EDIT,
+    default_size="auto",
+    default_response_format=None,
+    qualities=("low", "medium", "high", "auto"),
+    default_quality="auto",
+    max_images=16,
+    created=1745517030,
 )
 GPT_IMAGE_1_MINI = ImageModel(
-    "gpt-image-1-mini", "gpt-image", _GPT_IMAGE_SIZES, 10, 32000, _GPT_IMAGE_GEN, _GPT_IMAGE_EDIT,
-    default_size="auto", default_response_format=None, qualities=("low", "medium", "high", "auto"),
-    default_quality="auto", max_images=16, created=1759276800,
+    "gpt-image-1-mini",
+    "gpt-image",
+    _GPT_IMAGE_SIZES,
+    10,
+    32000,
+    _GPT_IMAGE_GEN,
+    _GPT_IMAGE_EDIT,
+    default_size="auto",
+    default_response_format=None,
+    qualities=("low", "medium", "high", "auto"),
+    default_quality="auto",
+    max_images=16,
+    created=1759276800,
 )
 DALL_E_3 = ImageModel(
-    "dall-e-3", "dall-e-3", _DALLE3_SIZES, 1, 4000,
+    "dall-e-3",
+    "dall-e-3",
+    _DALLE3_SIZES,
+    1,
+    4000,
     frozenset({"model", "prompt", "n", "size", "quality", "response_format", "style", "user"}),
-    qualities=("standard", "hd"), default_quality="standard", styles=("vivid", "natural"), created=1698785189,
+    qualities=("standard", "hd"),
+    default_quality="standard",
+    styles=("vivid", "natural"),
+    created=1698785189,
 )
 DALL_E_2 = ImageModel(
-    "dall-e-2", "dall-e-2", _DALLE2_SIZES, 10, 1000,
+    "dall-e-2",
+    "dall-e-2",
+    _DALLE2_SIZES,
+    10,
+    1000,
     frozenset({"model", "prompt", "n", "size", "response_format", "user"}),
     frozenset({"image", "image[]", "mask", "model", "prompt", "n", "size", "response_format", "user"}),
     created=1698798177,
@@ -138,12 +218,17 @@ class OpenAIEmulator(Emulator):
     # -- errors ----------------------------------------------------------------------------------
 
     def render_error(self, err: GatewayError) -> Reply:
-        return Reply(err.status, {"error": {
-            "message": err.message,
-            "type": err.type or "invalid_request_error",
-            "param": err.param,
-            "code": err.code,
-        }})
+        return Reply(
+            err.status,
+            {
+                "error": {
+                    "message": err.message,
+                    "type": err.type or "invalid_request_error",
+                    "param": err.param,
+                    "code": err.code,
+                }
+            },
+        )
 
     def auth_error(self, token: str | None) -> GatewayError:
         if token is None:
@@ -153,31 +238,55 @@ class OpenAIEmulator(Emulator):
                 "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with "
                 "blank username) if you're accessing the API from your browser and are prompted for a "
                 "username and password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
-                type="invalid_request_error", code=None)
+                type="invalid_request_error",
+                code=None,
+            )
         return GatewayError(
             401,
             f"Incorrect API key provided: {mask_key(token)}. You can find your API key at "
             "https://platform.openai.com/account/api-keys.",
-            type="invalid_request_error", code="invalid_api_key")
+            type="invalid_request_error",
+            code="invalid_api_key",
+        )
 
     def status_error(self, status: int, code: str | None, message: str | None) -> GatewayError:
         if status == 429 and code == "insufficient_quota":
-            return GatewayError(429, message or (
-                "You exceeded your current quota, please check your plan and billing details. For more "
-                "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."),
-                type="insufficient_quota", code="insufficient_quota")
+            return GatewayError(
+                429,
+                message
+                or (
+                    "You exceeded your current quota, please check your plan and billing details. For more "
+                    "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
+                ),
+                type="insufficient_quota",
+                code="insufficient_quota",
+            )
         table: dict[int, tuple[str, str, str | None]] = {
             400: ("Bad request.", "invalid_request_error", None),
-            401: (f"Incorrect API key provided: {mask_key('sk-emulator')}. You can find your API key at "
-                  "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key"),
-            403: ("Country, region, or territory not supported", "request_forbidden",
-                  "unsupported_country_region_territory"),
-            404: ("The model does not exist or you do not have access to it.", "invalid_request_error",
-                  "model_not_found"),
+            401: (
+                f"Incorrect API key provided: {mask_key('sk-emulator')}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            403: (
+                "Country, region, or territory not supported",
+                "request_forbidden",
+                "unsupported_country_region_territory",
+            ),
+            404: (
+                "The model does not exist or you do not have access to it.",
+                "invalid_request_error",
+                "model_not_found",
+            ),
             408: ("Request timed out.", "timeout", None),
             409: ("The request conflicted with another request.", "invalid_request_error", None),
-            429: ("Rate limit reached for images per minute (IPM) in organization org-emulator: Limit 5, "
-                  "Used 5, Requested 1. Please try again in 12s.", "requests", "rate_limit_exceeded"),
+            429: (
+                "Rate limit reached for images per minute (IPM) in organization org-emulator: Limit 5, "
+                "Used 5, Requested 1. Please try again in 12s.",
+                "requests",
+                "rate_limit_exceeded",
+            ),
             500: ("The server had an error while processing your request. Sorry about that!", "server_error", None),
             502: ("Bad gateway.", "server_error", None),
             503: ("The engine is currently overloaded, please try again later.", "server_error", None),
@@ -193,8 +302,12 @@ class OpenAIEmulator(Emulator):
         return self.bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
 
     def unknown_model(self, model_id: str) -> GatewayError:
-        return GatewayError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
-                            type="invalid_request_error", code="model_not_found")
+        return GatewayError(
+            404,
+            f"The model '{model_id}' does not exist or you do not have access to it.",
+            type="invalid_request_error",
+            code="model_not_found",
+        )
 
     def check_model_access(self, model: ImageModel) -> None:
         """Hook for relays that gate models by key group."""
@@ -202,10 +315,14 @@ class OpenAIEmulator(Emulator):
     # -- /v1/models -----------------------------------------------------------------------------
 
     def listed_models(self) -> list[dict[str, Any]]:
-        out = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
-               for m in self.image_models.values()]
-        out += [{"id": mid, "object": "model", "created": created, "owned_by": "system"}
-                for mid, created in self.other_models.items()]
+        out = [
+            {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+            for m in self.image_models.values()
+        ]
+        out += [
+            {"id": mid, "object": "model", "created": created, "owned_by": "system"}
+            for mid, created in self.other_models.items()
+        ]
         return out
 
     async def _models(self, call: Call) -> Reply:
@@ -220,14 +337,18 @@ class OpenAIEmulator(Emulator):
                 raise self.bad_request("Missing required parameter: 'model'.", "model", "missing_required_parameter")
             raw = self.default_model
         if not isinstance(raw, str):
-            raise self.bad_request(f"Invalid type for 'model': expected a string, but got {_type_name(raw)} instead.",
-                                   "model", "invalid_type")
+            raise self.bad_request(
+                f"Invalid type for 'model': expected a string, but got {_type_name(raw)} instead.",
+                "model",
+                "invalid_type",
+            )
         model = self.image_models.get(raw)
         if model is None:
             if raw in self.other_models:
                 supported = [m.id for m in self.image_models.values() if action == "generate" or m.edit_fields]
-                raise self.bad_request(f"Invalid value: '{raw}'. Supported values are: {_choices(supported)}.",
-                                       "model", "invalid_value")
+                raise self.bad_request(
+                    f"Invalid value: '{raw}'. Supported values are: {_choices(supported)}.", "model", "invalid_value"
+                )
             raise self.unknown_model(raw)
         self.check_model_access(model)
         return model
@@ -237,15 +358,20 @@ class OpenAIEmulator(Emulator):
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.bad_request(f"Invalid type for '{name}': expected one of {_choices(allowed)}, but got "
-                                   f"{_type_name(value)} instead.", name, "invalid_type")
+            raise self.bad_request(
+                f"Invalid type for '{name}': expected one of {_choices(allowed)}, but got {_type_name(value)} instead.",
+                name,
+                "invalid_type",
+            )
         if value not in allowed:
-            raise self.bad_request(f"Invalid value: '{value}'. Supported values are: {_choices(allowed)}.",
-                                   name, "invalid_value")
+            raise self.bad_request(
+                f"Invalid value: '{value}'. Supported values are: {_choices(allowed)}.", name, "invalid_value"
+            )
         return value
 
-    def _int(self, params: dict[str, Any], name: str, default: int | None, lo: int, hi: int,
-             from_form: bool) -> int | None:
+    def _int(
+        self, params: dict[str, Any], name: str, default: int | None, lo: int, hi: int, from_form: bool
+    ) -> int | None:
         value = params.get(name, default)
         if value is None:
             return None
@@ -253,17 +379,27 @@ class OpenAIEmulator(Emulator):
             try:
                 value = int(value)
             except ValueError:
-                raise self.bad_request(f"Invalid type for '{name}': expected an integer, but got a string "
-                                       "instead.", name, "invalid_type") from None
+                raise self.bad_request(
+                    f"Invalid type for '{name}': expected an integer, but got a string instead.", name, "invalid_type"
+                ) from None
         if not is_int(value):
-            raise self.bad_request(f"Invalid type for '{name}': expected an integer, but got "
-                                   f"{_type_name(value)} instead.", name, "invalid_type")
+            raise self.bad_request(
+                f"Invalid type for '{name}': expected an integer, but got {_type_name(value)} instead.",
+                name,
+                "invalid_type",
+            )
         if value < lo:
-            raise self.bad_request(f"Invalid '{name}': integer below minimum value. Expected a value >= {lo}, "
-                                   f"but got {value} instead.", name, "integer_below_min_value")
+            raise self.bad_request(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= {lo}, but got {value} instead.",
+                name,
+                "integer_below_min_value",
+            )
         if value > hi:
-            raise self.bad_request(f"Invalid '{name}': integer above maximum value. Expected a value <= {hi}, "
-                                   f"but got {value} instead.", name, "integer_above_max_value")
+            raise self.bad_request(
+                f"Invalid '{name}': integer above maximum value. Expected a value <= {hi}, but got {value} instead.",
+                name,
+                "integer_above_max_value",
+            )
         return value
 
     def _common(self, model: ImageModel, params: dict[str, Any], from_form: bool) -> dict[str, Any]:
@@ -272,18 +408,31 @@ class OpenAIEmulator(Emulator):
         if prompt is None:
             raise self.bad_request("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
         if not isinstance(prompt, str):
-            raise self.bad_request(f"Invalid type for 'prompt': expected a string, but got {_type_name(prompt)} "
-                                   "instead.", "prompt", "invalid_type")
+            raise self.bad_request(
+                f"Invalid type for 'prompt': expected a string, but got {_type_name(prompt)} instead.",
+                "prompt",
+                "invalid_type",
+            )
         if not prompt.strip():
-            raise self.bad_request("Invalid 'prompt': empty string. Expected a string with minimum length 1, but "
-                                   "got an empty string instead.", "prompt", "empty_string")
+            raise self.bad_request(
+                "Invalid 'prompt': empty string. Expected a string with minimum length 1, but "
+                "got an empty string instead.",
+                "prompt",
+                "empty_string",
+            )
         if len(prompt) > model.max_prompt:
-            raise self.bad_request(f"Invalid 'prompt': string too long. Expected a string with maximum length "
-                                   f"{model.max_prompt}, but got a string with length {len(prompt)} instead.",
-                                   "prompt", "string_above_max_length")
+            raise self.bad_request(
+                f"Invalid 'prompt': string too long. Expected a string with maximum length "
+                f"{model.max_prompt}, but got a string with length {len(prompt)} instead.",
+                "prompt",
+                "string_above_max_length",
+            )
         if "user" in params and not isinstance(params["user"], str):
-            raise self.bad_request(f"Invalid type for 'user': expected a string, but got "
-                                   f"{_type_name(params['user'])} instead.", "user", "invalid_type")
+            raise self.bad_request(
+                f"Invalid type for 'user': expected a string, but got {_type_name(params['user'])} instead.",
+                "user",
+                "invalid_type",
+            )
         out: dict[str, Any] = {"prompt": prompt}
         out["n"] = self._int(params, "n", 1, 1, model.max_n, from_form)
         out["size"] = self._enum(params, "size", model.sizes, model.default_size)
@@ -292,8 +441,9 @@ class OpenAIEmulator(Emulator):
         if model.styles:
             out["style"] = self._enum(params, "style", model.styles, "vivid")
         if model.default_response_format is not None:
-            out["response_format"] = self._enum(params, "response_format", ("url", "b64_json"),
-                                                model.default_response_format)
+            out["response_format"] = self._enum(
+                params, "response_format", ("url", "b64_json"), model.default_response_format
+            )
         else:
             out["response_format"] = "b64_json"
         if model.family == "gpt-image":
@@ -303,26 +453,45 @@ class OpenAIEmulator(Emulator):
             if "moderation" in model.gen_fields:
                 out["moderation"] = self._enum(params, "moderation", ("low", "auto"), "auto")
             if out["background"] == "transparent" and out["output_format"] == "jpeg":
-                raise self.bad_request("Transparent background is not supported for the 'jpeg' output format. "
-                                       "Use 'png' or 'webp'.", "background", "invalid_value")
+                raise self.bad_request(
+                    "Transparent background is not supported for the 'jpeg' output format. Use 'png' or 'webp'.",
+                    "background",
+                    "invalid_value",
+                )
         if CONTENT_POLICY_TRIGGER in prompt:
             raise self.bad_request(
                 "Your request was rejected as a result of our safety system. Your prompt may contain text that "
-                "is not allowed by our safety system.", None, "content_policy_violation")
+                "is not allowed by our safety system.",
+                None,
+                "content_policy_violation",
+            )
         return out
 
     def _output_size(self, size: str) -> tuple[int, int]:
         return (1024, 1024) if size == "auto" else parse_size(size)
 
-    async def _answer(self, call: Call, model: ImageModel, p: dict[str, Any], input_images: int,
-                      extra_fields: frozenset[str] = frozenset()) -> Reply:
+    async def _answer(
+        self,
+        call: Call,
+        model: ImageModel,
+        p: dict[str, Any],
+        input_images: int,
+        extra_fields: frozenset[str] = frozenset(),
+    ) -> Reply:
         width, height = self._output_size(p["size"])
         fmt = p.get("output_format") or "png"
         transparent = p.get("background") == "transparent"
         quality = p.get("output_compression") if fmt in ("jpeg", "webp") else None
-        data = await self.make_images(call, n=p["n"], width=width, height=height,
-                                      response_format=p["response_format"], fmt=fmt, transparent=transparent,
-                                      quality=quality)
+        data = await self.make_images(
+            call,
+            n=p["n"],
+            width=width,
+            height=height,
+            response_format=p["response_format"],
+            fmt=fmt,
+            transparent=transparent,
+            quality=quality,
+        )
         body: dict[str, Any] = {"created": int(time.time())}
         if model.family == "dall-e-3":
             for item in data:
@@ -333,19 +502,21 @@ class OpenAIEmulator(Emulator):
             text_tokens = max(1, math.ceil(len(p["prompt"]) / 4))
             image_tokens = input_images * _TOKENS_PER_INPUT_IMAGE
             output_tokens = _OUTPUT_TOKENS[quality_used].get(size_used, 1056) * p["n"]
-            body.update({
-                "background": "transparent" if transparent else "opaque",
-                "data": data,
-                "output_format": fmt,
-                "quality": quality_used,
-                "size": size_used,
-                "usage": {
-                    "input_tokens": text_tokens + image_tokens,
-                    "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": text_tokens},
-                    "output_tokens": output_tokens,
-                    "total_tokens": text_tokens + image_tokens + output_tokens,
-                },
-            })
+            body.update(
+                {
+                    "background": "transparent" if transparent else "opaque",
+                    "data": data,
+                    "output_format": fmt,
+                    "quality": quality_used,
+                    "size": size_used,
+                    "usage": {
+                        "input_tokens": text_tokens + image_tokens,
+                        "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": text_tokens},
+                        "output_tokens": output_tokens,
+                        "total_tokens": text_tokens + image_tokens + output_tokens,
+                    },
+                }
+            )
         else:
             body["data"] = data
         return Reply(200, body)
@@ -361,10 +532,12 @@ class OpenAIEmulator(Emulator):
                 "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
                 "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid "
                 "JSON. If you have trouble figuring out how to fix this, please contact us through our help center "
-                "at help.openai.com.)")
+                "at help.openai.com.)"
+            )
         if not isinstance(call.rec.json, dict):
-            raise self.bad_request(f"Invalid type for body: expected an object, but got "
-                                   f"{_type_name(call.rec.json)} instead.")
+            raise self.bad_request(
+                f"Invalid type for body: expected an object, but got {_type_name(call.rec.json)} instead."
+            )
         return call.rec.json
 
     async def _generations(self, call: Call) -> Reply:
@@ -387,42 +560,53 @@ class OpenAIEmulator(Emulator):
         rec = call.rec
         ctype = rec.content_type.split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
-            raise self.bad_request(f"Invalid Content-Type header ({ctype or 'none'}), expected multipart/form-data. "
-                                   "(HINT: If you're using curl, you can pass -F 'key=value' to send multipart "
-                                   "form data.)")
+            raise self.bad_request(
+                f"Invalid Content-Type header ({ctype or 'none'}), expected multipart/form-data. "
+                "(HINT: If you're using curl, you can pass -F 'key=value' to send multipart "
+                "form data.)"
+            )
         if rec.form_error is not None:
             raise self.bad_request(f"Could not parse multipart form: {rec.form_error}")
         for name in rec.form_fields:
             if name not in EDIT_FIELDS:
                 raise self.unknown_parameter(name)
             if name in EDIT_FILE_FIELDS and name not in rec.files:
-                raise self.bad_request(f"Invalid type for '{name}': expected a file, but got a string instead.",
-                                       name, "invalid_type")
+                raise self.bad_request(
+                    f"Invalid type for '{name}': expected a file, but got a string instead.", name, "invalid_type"
+                )
             if name not in EDIT_FILE_FIELDS and name in rec.files:
-                raise self.bad_request(f"Invalid type for '{name}': expected a string, but got a file instead.",
-                                       name, "invalid_type")
+                raise self.bad_request(
+                    f"Invalid type for '{name}': expected a string, but got a file instead.", name, "invalid_type"
+                )
         model = self._resolve_model(rec.form.get("model"), "edit")
         if not model.edit_fields:
             editors = [m.id for m in self.image_models.values() if m.edit_fields]
-            raise self.bad_request(f"Invalid value: '{model.id}'. Supported values are: {_choices(editors)}.",
-                                   "model", "invalid_value")
+            raise self.bad_request(
+                f"Invalid value: '{model.id}'. Supported values are: {_choices(editors)}.", "model", "invalid_value"
+            )
         for name in rec.form_fields:
             if name not in model.edit_fields:
                 raise self.unknown_parameter(name)
         if "image" in rec.files and "image[]" in rec.files:
-            raise self.bad_request("Send the input images either as 'image' or as 'image[]', not both.",
-                                   "image", "invalid_value")
+            raise self.bad_request(
+                "Send the input images either as 'image' or as 'image[]', not both.", "image", "invalid_value"
+            )
         if len(rec.files.get("image", [])) > 1:
-            raise self.bad_request("Duplicate parameter: 'image'. Send several images as 'image[]'.", "image",
-                                   "duplicate_parameter")
+            raise self.bad_request(
+                "Duplicate parameter: 'image'. Send several images as 'image[]'.", "image", "duplicate_parameter"
+            )
         if len(rec.files.get("mask", [])) > 1:
             raise self.bad_request("Duplicate parameter: 'mask'.", "mask", "duplicate_parameter")
         inputs = rec.files.get("image") or rec.files.get("image[]") or []
         if not inputs:
             raise self.bad_request("Missing required parameter: 'image'.", "image", "missing_required_parameter")
         if len(inputs) > model.max_images:
-            raise self.bad_request(f"Invalid 'image': too many images. Expected at most {model.max_images} "
-                                   f"image(s) for {model.id}, but got {len(inputs)}.", "image", "invalid_value")
+            raise self.bad_request(
+                f"Invalid 'image': too many images. Expected at most {model.max_images} "
+                f"image(s) for {model.id}, but got {len(inputs)}.",
+                "image",
+                "invalid_value",
+            )
         mask = (rec.files.get("mask") or [None])[0]
         params = self._common(model, dict(rec.form), from_form=True)
         if model.family == "gpt-image":
@@ -440,42 +624,57 @@ class OpenAIEmulator(Emulator):
         for i, f in enumerate(inputs, 1):
             info = images.image_info(f.data)
             if info is None or info.format not in ("png", "jpeg", "webp"):
-                raise self.bad_request(f"Invalid image file or mode for image {i}, please check your image file.",
-                                       "image", "invalid_image_file")
+                raise self.bad_request(
+                    f"Invalid image file or mode for image {i}, please check your image file.",
+                    "image",
+                    "invalid_image_file",
+                )
             if len(f.data) > 50 * _MB:
-                raise self.bad_request(f"Invalid image {i}: the file is larger than 50 MB.", "image",
-                                       "image_too_large")
+                raise self.bad_request(f"Invalid image {i}: the file is larger than 50 MB.", "image", "image_too_large")
             first = first or info
         if mask is not None:
             info = images.image_info(mask.data)
             if info is None or info.format != "png" or not info.alpha:
-                raise self.bad_request("Invalid mask image format - mask must be a PNG with an alpha channel.",
-                                       "mask", "invalid_image_format")
+                raise self.bad_request(
+                    "Invalid mask image format - mask must be a PNG with an alpha channel.",
+                    "mask",
+                    "invalid_image_format",
+                )
             if len(mask.data) >= 4 * _MB:
                 raise self.bad_request("Invalid mask: the file must be less than 4 MB.", "mask", "image_too_large")
             if first is not None and (info.width, info.height) != (first.width, first.height):
-                raise self.bad_request("Invalid mask image format - mask size does not match image size",
-                                       "mask", "invalid_value")
+                raise self.bad_request(
+                    "Invalid mask image format - mask size does not match image size", "mask", "invalid_value"
+                )
 
     def _check_dalle2_inputs(self, image: UploadedFile, mask: UploadedFile | None) -> None:
         info = images.image_info(image.data)
         if info is None or info.format != "png" or len(image.data) >= 4 * _MB:
             raise self.bad_request("Uploaded image must be a PNG and less than 4 MB.", "image", "invalid_value")
         if info.width != info.height:
-            raise self.bad_request(f"Invalid input image - image must be square, got {info.width}x{info.height}.",
-                                   "image", "invalid_value")
+            raise self.bad_request(
+                f"Invalid input image - image must be square, got {info.width}x{info.height}.", "image", "invalid_value"
+            )
         if mask is None:
             # Without a mask, the image's own transparency marks the area to edit.
             if not info.alpha and info.mode != "L":
-                raise self.bad_request(f"Invalid input image - format must be in ['RGBA', 'LA', 'L'], got "
-                                       f"{info.mode}.", "image", "invalid_value")
+                raise self.bad_request(
+                    f"Invalid input image - format must be in ['RGBA', 'LA', 'L'], got {info.mode}.",
+                    "image",
+                    "invalid_value",
+                )
             return
         m = images.image_info(mask.data)
         if m is None or m.format != "png" or len(mask.data) >= 4 * _MB:
             raise self.bad_request("Uploaded mask must be a PNG and less than 4 MB.", "mask", "invalid_value")
         if not m.alpha:
-            raise self.bad_request(f"Invalid mask image - format must be in ['RGBA', 'LA'], got {m.mode}.",
-                                   "mask", "invalid_value")
+            raise self.bad_request(
+                f"Invalid mask image - format must be in ['RGBA', 'LA'], got {m.mode}.", "mask", "invalid_value"
+            )
         if (m.width, m.height) != (info.width, info.height):
-            raise self.bad_request(f"Invalid mask image - mask size ({m.width}x{m.height}) does not match image "
-                                   f"size ({info.width}x{info.height}).", "mask", "invalid_value")
+            raise self.bad_request(
+                f"Invalid mask image - mask size ({m.width}x{m.height}) does not match image "
+                f"size ({info.width}x{info.height}).",
+                "mask",
+                "invalid_value",
+            )

@@ -1,0 +1,60 @@
+"""The worker pool for CPU-bound steps, and the event-loop watchdog."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import anyio
+import pytest
+
+from mcp_imagegen.work import cpu_limiter, in_worker, watch_event_loop
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_cpu_work_runs_off_the_loop_at_most_one_thread_per_core() -> None:
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+    loop_thread = threading.get_ident()
+
+    def work() -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return threading.get_ident()
+
+    async with anyio.create_task_group() as tg:
+        threads: list[int] = []
+
+        async def one() -> None:
+            threads.append(await in_worker(work))
+
+        for _ in range(16):
+            tg.start_soon(one)
+    assert loop_thread not in threads
+    assert peak == cpu_limiter().total_tokens == max(2, os.cpu_count() or 2)
+
+
+async def test_watchdog_reports_a_blocked_loop(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mcp_imagegen.loop")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_event_loop)
+        await anyio.sleep(0.05)
+        time.sleep(0.12)  # hold the loop, as CPU work on it would
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    stalls = [r.fields["ms"] for r in caplog.records if r.getMessage() == "event loop stalled"]  # type: ignore[attr-defined]
+    assert stalls and max(stalls) >= 100
