@@ -51,7 +51,7 @@ ProgressFn = Callable[[float, float | None, str], Awaitable[None]]
 JobStatus = Literal["running", "done", "failed", "cancelled"]
 
 MAX_RESULT_IMAGE_BYTES = 128 * 1024 * 1024  # one downloaded image; anything larger is not an image
-KEEP_FINISHED_JOBS = 256
+KEEP_FINISHED_JOBS = 128
 KEEP_PREVIEWS = 64  # previews not yet taken by a result (tens of KB each)
 SHUTDOWN_GRACE_S = 30.0
 
@@ -246,6 +246,10 @@ class ImageService:
             if job.saved and job.route is not None:
                 job.result = self._result(job, job.route)
         job.progress = None
+        # A finished job is kept for get_image; its input images (possibly megabytes) are not
+        # needed any more.
+        job.request.images = []
+        job.request.mask = None
         job._done.set()
 
     # --- one generation ------------------------------------------------------------------------

@@ -446,3 +446,14 @@ async def test_offline_endpoint_generates_and_edits_inside_the_mask(tmp_path: Pa
         assert a.crop((0, 0, 150, 200)).tobytes() != b.crop((0, 0, 150, 200)).tobytes()
     record = json.loads(next((tmp_path / "out" / ".mcp-imagegen").glob(f"{edited.images[0].id}.json")).read_text())
     assert record["parent_ids"] == [made.images[0].id]
+
+
+async def test_finished_jobs_let_go_of_their_input_images(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, [{"name": "offline", "provider": "offline"}])
+    async with ImageService(settings) as service:
+        big = input_image(png(1500, 1500))
+        job = service.submit(ImageRequest(operation="edit", prompt="x", images=[big], mask=input_image(png(8, 8))))
+        result = await job.wait(30)
+        assert result is not None and len(result.images) == 1
+        assert service.job(job.id) is job  # still there for get_image
+        assert job.request.images == [] and job.request.mask is None
