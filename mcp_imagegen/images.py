@@ -444,21 +444,29 @@ def downscale_to_fit(data: bytes, max_bytes: int) -> tuple[bytes, str, int, int]
     if len(data) <= max_bytes:
         return data, mime, w, h
     im = _drop_opaque_alpha(_normalize_mode(decode(data, "image"), keep_alpha=_WEBP_OK))
-    fmt = "image/webp" if _WEBP_OK else "image/jpeg"
-    # First guess from a typical ~0.3 bytes per pixel at quality 85, so a big image is not
-    # encoded at full size just to learn it is too big; the loop corrects the guess.
-    scale, quality = min(1.0, math.sqrt(max_bytes / (0.3 * im.width * im.height))), 85
-    cur, out = im, b""
-    for _ in range(20):
-        cur = _scaled(im, (max(1, round(im.width * scale)), max(1, round(im.height * scale))))
-        out = encode_as(cur, fmt, quality=quality, method=2)
-        if len(out) <= max_bytes or max(cur.size) <= 16:
+    fmt = "image/webp" if _WEBP_OK and _has_alpha(im) else "image/jpeg"
+    # Guess a scale from a typical ~0.3 bytes per pixel, then correct it from each encode's real
+    # size: up when far under the budget (smooth images compress much better), down when over.
+    # The largest encode that fits wins.
+    scale = min(1.0, math.sqrt(max_bytes / (0.3 * im.width * im.height)))
+    best: tuple[bytes, int, int] | None = None
+    smallest: tuple[bytes, int, int] | None = None
+    for _ in range(8):
+        size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        out = encode_as(_scaled(im, size), fmt, quality=80, method=2)
+        if len(out) <= max_bytes:
+            if best is None or len(out) > len(best[0]):
+                best = (out, *size)
+            if scale >= 1.0 or len(out) >= 0.8 * max_bytes:
+                break
+        elif smallest is None or len(out) < len(smallest[0]):
+            smallest = (out, *size)
+        if max(size) <= 16:
             break
-        if quality > 70:
-            quality = 70
-            continue
-        scale *= min(0.9, max(0.4, math.sqrt(max_bytes / len(out)) * 0.95))
-    return out, fmt, cur.width, cur.height
+        step = math.sqrt(max_bytes / len(out)) * 0.95
+        scale = min(1.0, scale * min(2.5, max(0.4, step)))
+    out, width, height = best or smallest  # type: ignore[misc]
+    return out, fmt, width, height
 
 
 # --- masks ------------------------------------------------------------------------------------
