@@ -229,7 +229,7 @@ def test_downscale_to_fit() -> None:
     assert images.downscale_to_fit(small, 1 << 20) == (small, "image/png", 64, 64)
     big = photo_like(2048, 1536, compress_level=1)
     out, mime, w, h = images.downscale_to_fit(big, 300_000)
-    assert len(out) <= 300_000 and mime == "image/webp"
+    assert 0.8 * 300_000 <= len(out) <= 300_000 and mime == "image/jpeg"  # fills the budget; opaque: JPEG
     assert images.sniff(out) == (mime, w, h) and abs(w / h - 4 / 3) < 0.01
 
 
