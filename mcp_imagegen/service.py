@@ -43,7 +43,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
-from .work import in_worker, watch_event_loop
+from .work import in_worker, settle_heap, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -251,6 +251,7 @@ class ImageService:
         job.request.images = []
         job.request.mask = None
         job._done.set()
+        settle_heap()  # once per process, after the first job has loaded the lazy modules
 
     # --- one generation ------------------------------------------------------------------------
 

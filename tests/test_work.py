@@ -58,3 +58,22 @@ async def test_watchdog_reports_a_blocked_loop(caplog: pytest.LogCaptureFixture)
         tg.cancel_scope.cancel()
     stalls = [r.fields["ms"] for r in caplog.records if r.getMessage() == "event loop stalled"]  # type: ignore[attr-defined]
     assert stalls and max(stalls) >= 100
+
+
+def test_heap_is_settled_once_per_process() -> None:
+    import gc
+
+    from mcp_imagegen import work
+
+    saved = work._settled
+    try:
+        work._settled = False
+        gc.unfreeze()
+        work.settle_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        gc.unfreeze()
+        work.settle_heap()  # a second call changes nothing
+        assert gc.get_freeze_count() == 0
+    finally:
+        work._settled = saved
