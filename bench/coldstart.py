@@ -25,6 +25,7 @@ from .harness import (
     Budget,
     EndpointSpec,
     Metric,
+    Target,
     median,
     stdio_server,
 )
@@ -141,6 +142,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
             "ms",
             baseline=median(bare) * 1000,
             baseline_label="bare MCPServer",
+            target=Target("ratio", 1.15),
             notes=(
                 f"median of {len(imagegen)} spawns, interleaved with the bare server; "
                 f"min {min(imagegen) * 1000:.0f} vs {min(bare) * 1000:.0f} ms"
