@@ -29,6 +29,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, ImageContent, ResourceLink, TextContent
 from PIL import Image
+from pydantic import SecretStr
 
 from mcp_imagegen.config import EndpointConfig, Settings
 from mcp_imagegen.errors import ConfigError
@@ -381,3 +382,34 @@ async def test_sse_round_trip_with_token(tmp_path: Path) -> None:
                 [image] = result.structured_content["images"]
                 read = await client.read_resource(image["uri"])
                 assert base64.b64decode(read.contents[0].blob) == Path(image["path"]).read_bytes()
+
+
+@pytest.mark.parametrize("transport", ["http", "sse"])
+async def test_slow_generation_is_recovered_over_the_network(tmp_path: Path, emulator: Any, transport: str) -> None:
+    """A generation that outlives the call returns a handle; get_image collects the image later."""
+    slow = emulator("openai", api_key=TOKEN, latency_s=2.0)
+    endpoint = EndpointConfig(name="slow", provider="openai", base_url=slow.base_url, api_key=SecretStr(TOKEN))
+    settings = settings_for(tmp_path, endpoints=[endpoint], tool_deadline_s=0.5)
+    server = http_server if transport == "http" else sse_server
+    with server(settings) as origin, anyio.fail_after(60):
+        if transport == "http":
+            client = http_client(origin, "auto")
+        else:
+            client = Client(sse_client(f"{origin}/sse", headers={"Authorization": f"Bearer {TOKEN}"}), mode="legacy")
+        async with client:
+            first = await client.call_tool("generate_image", {"prompt": "slow", "model": "gpt-image-1"})
+            assert not first.is_error, texts(first)
+            assert first.structured_content["status"] == "running"
+            job_id = first.structured_content["job_id"]
+            assert f'get_image(job_id="{job_id}")' in texts(first)
+            # get_image waits at most the deadline too, so the agent asks again until it is done.
+            for _ in range(40):
+                later = await client.call_tool("get_image", {"job_id": job_id, "wait_s": 20})
+                assert not later.is_error, texts(later)
+                if later.structured_content["status"] == "done":
+                    break
+            assert later.structured_content["status"] == "done"
+            [image] = later.structured_content["images"]
+            assert Path(image["path"]).is_file()
+            read = await client.read_resource(image["uri"])
+            assert base64.b64decode(read.contents[0].blob) == Path(image["path"]).read_bytes()
