@@ -19,6 +19,7 @@ from .manifests import Manifest, ModelSpec, load_manifest
 from .models import Capability, ModelInfo, Operation
 
 if TYPE_CHECKING:
+    from .dialects import DiscoveredModel
     from .gateway import GatewayClient
 
 log = logging.getLogger("mcp_imagegen.catalog")
@@ -73,7 +74,7 @@ class ModelCatalog:
             return allowed
         return specs
 
-    def _merge_discovered(self, manifest: Manifest, discovered: list) -> dict[str, ModelSpec]:
+    def _merge_discovered(self, manifest: Manifest, discovered: list[DiscoveredModel]) -> dict[str, ModelSpec]:
         specs: dict[str, ModelSpec] = {}
         for d in discovered:
             base = manifest.model(d.id)

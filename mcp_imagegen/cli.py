@@ -166,7 +166,7 @@ def _serve(settings: Any, args: argparse.Namespace, token: str | None) -> int:
 async def _run_work(command: str, settings: Any, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .models import ImageRequest
+    from .models import ImageRequest, given_knobs
     from .service import ImageService
 
     if command != "models" and args.out:
@@ -177,17 +177,13 @@ async def _run_work(command: str, settings: Any, args: argparse.Namespace) -> in
         images, mask = [], None
         if command == "edit":
             images, mask = await service.resolve_inputs(args.images, args.mask)
-        knobs = {
-            k: v
-            for k, v in {
-                "quality": args.quality,
-                "style": args.style,
-                "seed": args.seed,
-                "output_format": args.output_format,
-                "strength": getattr(args, "strength", None),
-            }.items()
-            if v is not None
-        }
+        knobs = given_knobs(
+            quality=args.quality,
+            style=args.style,
+            seed=args.seed,
+            output_format=args.output_format,
+            strength=getattr(args, "strength", None),
+        )
         request = ImageRequest(
             operation="edit" if command == "edit" else "generate",
             prompt=args.prompt,

@@ -29,6 +29,14 @@ CANONICAL_KNOBS: tuple[str, ...] = (
 )
 
 
+def given_knobs(**values: Any) -> dict[str, Any]:
+    """The canonical knobs a caller actually set (None means not given)."""
+    unknown = set(values) - set(CANONICAL_KNOBS)
+    if unknown:
+        raise ValueError(f"not canonical knobs: {sorted(unknown)}")
+    return {name: value for name, value in values.items() if value is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class InputImage:
     """An image given to an edit, already read and sniffed (see images.sniff)."""

@@ -12,10 +12,11 @@ Resources: every saved image at `imagegen://images/{id}` (blob, with the image's
 the `Context` parameter, at registration.)
 """
 
+import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -33,7 +34,7 @@ from pydantic import AnyUrl, Field, ValidationError
 from . import __version__, results
 from .config import Settings
 from .errors import ImageGenError, InputNotFoundError, InvalidRequestError
-from .models import ImageRecord, ImageRequest
+from .models import ImageRecord, ImageRequest, given_knobs
 from .results import ImageToolResult, ModelList
 
 log = logging.getLogger("mcp_imagegen.server")
@@ -322,6 +323,25 @@ async def _record(service: Any, image_id: str) -> ImageRecord:
     return record
 
 
+def _answers_errors(tool: Callable[..., Awaitable[CallToolResult]]) -> Callable[..., Awaitable[CallToolResult]]:
+    """Tool failures become results the agent can act on, never protocol errors.
+
+    An ImageGenError (bad argument, gateway failure) is returned as an isError result with its
+    agent text; anything else is a bug, logged with its traceback and answered generically.
+    """
+
+    @functools.wraps(tool)
+    async def answer(*args: Any, **kwargs: Any) -> CallToolResult:
+        try:
+            return await tool(*args, **kwargs)
+        except ImageGenError as exc:
+            return results.error_result(exc.agent_text())
+        except Exception:  # noqa: BLE001 - logged with its traceback; the agent gets a generic message
+            return _internal_error(tool.__name__)
+
+    return answer
+
+
 def _internal_error(tool: str) -> CallToolResult:
     log.exception("%s failed unexpectedly", tool)
     return results.error_result(
@@ -442,9 +462,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             inline_full=inline,
         )
 
-    def knobs(**values: Any) -> dict[str, Any]:
-        return {k: v for k, v in values.items() if v is not None}
-
+    @_answers_errors
     async def generate_image(
         prompt: Prompt,
         model: ModelArg = None,
@@ -471,32 +489,28 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         collect the images; nothing is lost. Call list_models first to see which models each
         endpoint has, their sizes and max n.
         """
-        try:
-            request = ImageRequest(
-                operation="generate",
-                prompt=prompt,
-                model=model,
-                endpoint=endpoint,
-                n=n,
-                size=size,
-                knobs=knobs(
-                    quality=quality,
-                    style=style,
-                    seed=seed,
-                    negative_prompt=negative_prompt,
-                    background=background,
-                    output_format=output_format,
-                    guidance_scale=guidance_scale,
-                    num_inference_steps=num_inference_steps,
-                ),
-                extra=dict(extra or {}),
-            )
-            return await run_request("generate_image", ctx, request, inline_full, "Generated")
-        except ImageGenError as exc:
-            return results.error_result(exc.agent_text())
-        except Exception:  # noqa: BLE001 - logged with its traceback; the agent gets a generic message
-            return _internal_error("generate_image")
+        request = ImageRequest(
+            operation="generate",
+            prompt=prompt,
+            model=model,
+            endpoint=endpoint,
+            n=n,
+            size=size,
+            knobs=given_knobs(
+                quality=quality,
+                style=style,
+                seed=seed,
+                negative_prompt=negative_prompt,
+                background=background,
+                output_format=output_format,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+            ),
+            extra=dict(extra or {}),
+        )
+        return await run_request("generate_image", ctx, request, inline_full, "Generated")
 
+    @_answers_errors
     async def edit_image(
         prompt: Prompt,
         images: ImagesArg,
@@ -526,39 +540,35 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         job_id with status "running" when the edit outlives the call). list_models shows which
         models can edit (capability 'edit'), take a mask ('mask') or several images ('multi_image').
         """
-        try:
-            specs = [images] if isinstance(images, str) else list(images)
-            if not specs:
-                raise InvalidRequestError("`images` is empty; give at least one image to edit")
-            svc = holder.get()
-            inputs, mask_image = await svc.resolve_inputs(specs, mask)
-            request = ImageRequest(
-                operation="edit",
-                prompt=prompt,
-                model=model,
-                endpoint=endpoint,
-                n=n,
-                size=size,
-                images=inputs,
-                mask=mask_image,
-                knobs=knobs(
-                    strength=strength,
-                    quality=quality,
-                    seed=seed,
-                    negative_prompt=negative_prompt,
-                    background=background,
-                    output_format=output_format,
-                    guidance_scale=guidance_scale,
-                    num_inference_steps=num_inference_steps,
-                ),
-                extra=dict(extra or {}),
-            )
-            return await run_request("edit_image", ctx, request, inline_full, "Edited into")
-        except ImageGenError as exc:
-            return results.error_result(exc.agent_text())
-        except Exception:  # noqa: BLE001 - logged with its traceback; the agent gets a generic message
-            return _internal_error("edit_image")
+        specs = [images] if isinstance(images, str) else list(images)
+        if not specs:
+            raise InvalidRequestError("`images` is empty; give at least one image to edit")
+        svc = holder.get()
+        inputs, mask_image = await svc.resolve_inputs(specs, mask)
+        request = ImageRequest(
+            operation="edit",
+            prompt=prompt,
+            model=model,
+            endpoint=endpoint,
+            n=n,
+            size=size,
+            images=inputs,
+            mask=mask_image,
+            knobs=given_knobs(
+                strength=strength,
+                quality=quality,
+                seed=seed,
+                negative_prompt=negative_prompt,
+                background=background,
+                output_format=output_format,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+            ),
+            extra=dict(extra or {}),
+        )
+        return await run_request("edit_image", ctx, request, inline_full, "Edited into")
 
+    @_answers_errors
     async def get_image(
         job_id: Annotated[
             str | None, Field(description="The job_id of a generation that returned status 'running'.")
@@ -582,66 +592,62 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         (status "running" again if it is still not finished: call again). With image: returns that
         saved image's preview, resource link, saved path and what made it.
         """
-        try:
-            if (job_id is None) == (image is None):
-                raise InvalidRequestError(
-                    "give exactly one of `job_id` (from a result with status 'running') or `image` "
-                    "(an imagegen://images/{id} URI)"
-                )
-            svc = holder.get()
-            inline = inline_full or settings.inline_full_image
-            if image is not None:
-                record = await _record(svc, _image_id(image))
-                return await results.from_record(
-                    record,
-                    read_bytes=read_bytes,
-                    cached=cached,
-                    preview_max_px=settings.preview_max_px,
-                    inline_full=inline,
-                )
-            assert job_id is not None
-            job = svc.job(job_id.strip())
-            progress = _Progress(ctx, float(job.request.n))
-            progress.saved = len(job.saved)
-            try:
-                result = await _await_job(job, min(wait_s, settings.tool_deadline_s), progress, "waiting")
-            except ImageGenError:
-                if job.status == "cancelled" and job.result is not None:
-                    result = job.result.model_copy(
-                        update={
-                            "warnings": [
-                                *job.result.warnings,
-                                "the job was cancelled; these images arrived before the cancel",
-                            ]
-                        }
-                    )
-                else:
-                    raise
-            finally:
-                progress.close()
-            if result is None:
-                return await results.still_running(
-                    job,
-                    read_bytes=read_bytes,
-                    cached=cached,
-                    elapsed_s=time.monotonic() - job.started,
-                    preview_max_px=settings.preview_max_px,
-                    inline_full=inline,
-                )
-            verb = "Edited into" if job.request.operation == "edit" else "Generated"
-            return await results.from_generation(
-                result,
+        if (job_id is None) == (image is None):
+            raise InvalidRequestError(
+                "give exactly one of `job_id` (from a result with status 'running') or `image` "
+                "(an imagegen://images/{id} URI)"
+            )
+        svc = holder.get()
+        inline = inline_full or settings.inline_full_image
+        if image is not None:
+            record = await _record(svc, _image_id(image))
+            return await results.from_record(
+                record,
                 read_bytes=read_bytes,
                 cached=cached,
-                verb=verb,
                 preview_max_px=settings.preview_max_px,
                 inline_full=inline,
             )
-        except ImageGenError as exc:
-            return results.error_result(exc.agent_text())
-        except Exception:  # noqa: BLE001 - logged with its traceback; the agent gets a generic message
-            return _internal_error("get_image")
+        assert job_id is not None
+        job = svc.job(job_id.strip())
+        progress = _Progress(ctx, float(job.request.n))
+        progress.saved = len(job.saved)
+        try:
+            result = await _await_job(job, min(wait_s, settings.tool_deadline_s), progress, "waiting")
+        except ImageGenError:
+            if job.status == "cancelled" and job.result is not None:
+                result = job.result.model_copy(
+                    update={
+                        "warnings": [
+                            *job.result.warnings,
+                            "the job was cancelled; these images arrived before the cancel",
+                        ]
+                    }
+                )
+            else:
+                raise
+        finally:
+            progress.close()
+        if result is None:
+            return await results.still_running(
+                job,
+                read_bytes=read_bytes,
+                cached=cached,
+                elapsed_s=time.monotonic() - job.started,
+                preview_max_px=settings.preview_max_px,
+                inline_full=inline,
+            )
+        verb = "Edited into" if job.request.operation == "edit" else "Generated"
+        return await results.from_generation(
+            result,
+            read_bytes=read_bytes,
+            cached=cached,
+            verb=verb,
+            preview_max_px=settings.preview_max_px,
+            inline_full=inline,
+        )
 
+    @_answers_errors
     async def list_models(
         capability: Annotated[
             Literal["generate", "edit", "mask", "multi_image"] | None,
@@ -658,14 +664,8 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
 
         Use the `id` as generate_image/edit_image's `model` and the `endpoint` as their `endpoint`.
         """
-        try:
-            found = await holder.get().list_models(capability=capability, endpoint=endpoint, refresh=refresh)
-            models, warnings = found if isinstance(found, tuple) else (found, [])
-            return results.models_result(models, warnings)
-        except ImageGenError as exc:
-            return results.error_result(exc.agent_text())
-        except Exception:  # noqa: BLE001 - logged with its traceback; the agent gets a generic message
-            return _internal_error("list_models")
+        models, warnings = await holder.get().list_models(capability=capability, endpoint=endpoint, refresh=refresh)
+        return results.models_result(models, warnings)
 
     tools = [
         _Tool.from_function(generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS),

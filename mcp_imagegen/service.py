@@ -33,6 +33,7 @@ from .errors import (
 )
 from .limits import preview_bytes_for
 from .models import (
+    CAPABILITIES,
     GenerationResult,
     ImageRecord,
     ImageRequest,
@@ -184,10 +185,8 @@ class ImageService:
         self, *, capability: str | None = None, endpoint: str | None = None, refresh: bool = False
     ) -> tuple[list[ModelInfo], list[str]]:
         await self._needs_gateway()
-        if capability is not None and capability not in ("generate", "edit", "mask", "multi_image"):
-            raise InvalidRequestError(
-                f"unknown capability {capability!r}; use one of generate, edit, mask, multi_image"
-            )
+        if capability is not None and capability not in CAPABILITIES:
+            raise InvalidRequestError(f"unknown capability {capability!r}; use one of {', '.join(CAPABILITIES)}")
         return await self._catalog.list_models(capability=capability, endpoint=endpoint, refresh=refresh)  # type: ignore[arg-type]
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -531,22 +530,17 @@ class ImageService:
                 job_id=job.id,
             )
 
-        # Writing (with fsync) and the preview (decode + encode) overlap: one waits on the disk,
-        # the other on the CPU.
-        made: dict[str, Any] = {}
+        # The preview (decode + encode, CPU) overlaps the fsync'd write (disk).
+        preview_made: tuple[bytes, str] | None = None
 
-        async def write() -> None:
-            made["record"] = await anyio.to_thread.run_sync(save)
-
-        async def preview() -> None:
-            made["preview"] = await in_worker(lambda: self._preview(data, request.n))
+        async def make_preview() -> None:
+            nonlocal preview_made
+            preview_made = await in_worker(lambda: self._preview(data, request.n))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(write)
             if self._make_previews:
-                tg.start_soon(preview)
-        record: ImageRecord = made["record"]
-        preview_made: tuple[bytes, str] | None = made.get("preview")
+                tg.start_soon(make_preview)
+            record = await anyio.to_thread.run_sync(save)
         if preview_made is not None:
             self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:

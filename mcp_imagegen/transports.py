@@ -133,6 +133,18 @@ def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: 
 # --- ASGI apps ---------------------------------------------------------------------------------
 
 
+def _served(
+    settings: Settings, host: str, auth_token: str | None, allow_unauthenticated: bool, service: Any | None
+) -> tuple[Any, Any]:
+    """The service and MCP server behind a network app, once the bind is known to be safe."""
+    from .server import build_server
+    from .service import ImageService
+
+    check_bind(host, auth_token, allow_unauthenticated)
+    service = service or ImageService(settings)
+    return service, build_server(settings, service)
+
+
 def http_app(
     settings: Settings,
     *,
@@ -144,12 +156,7 @@ def http_app(
     service: Any | None = None,
 ) -> Starlette:
     """Streamable HTTP at /mcp, with SSE-framed responses so progress notifications flow."""
-    from .server import build_server
-    from .service import ImageService
-
-    check_bind(host, auth_token, allow_unauthenticated)
-    service = service or ImageService(settings)
-    server = build_server(settings, service)
+    service, server = _served(settings, host, auth_token, allow_unauthenticated, service)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         json_response=False,
@@ -171,12 +178,7 @@ def sse_app(
     service: Any | None = None,
 ) -> Starlette:
     """Legacy SSE: GET /sse opens the stream, POST /messages/?session_id=... carries requests."""
-    from .server import build_server
-    from .service import ImageService
-
-    check_bind(host, auth_token, allow_unauthenticated)
-    service = service or ImageService(settings)
-    server = build_server(settings, service)
+    service, server = _served(settings, host, auth_token, allow_unauthenticated, service)
     app = server.sse_app(
         sse_path=SSE_PATH,
         message_path=MESSAGES_PATH,

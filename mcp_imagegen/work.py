@@ -62,4 +62,3 @@ async def watch_event_loop(tick_s: float = 0.005, report_over_s: float = 0.01) -
         late = anyio.current_time() - start - tick_s
         if late > report_over_s:
             log.debug("event loop stalled", extra={"fields": {"ms": round(late * 1000, 1)}})
-

@@ -468,3 +468,11 @@ def test_fit_inputs_no_edit_operation() -> None:
 
 def test_module_exports() -> None:
     assert checks.RESERVED_FIELDS >= {"model", "prompt", "n", "size", "response_format"}
+
+
+def test_given_knobs_keeps_what_was_set_and_refuses_non_canonical_names() -> None:
+    from mcp_imagegen.models import given_knobs
+
+    assert given_knobs(seed=0, quality=None, style="vivid") == {"seed": 0, "style": "vivid"}
+    with pytest.raises(ValueError, match="response_format"):
+        given_knobs(response_format="url")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from . import images
@@ -133,21 +133,7 @@ GPT_IMAGE_1 = ImageModel(
     max_images=16,
     created=1745517030,
 )
-GPT_IMAGE_1_MINI = ImageModel(
-    "gpt-image-1-mini",
-    "gpt-image",
-    _GPT_IMAGE_SIZES,
-    10,
-    32000,
-    _GPT_IMAGE_GEN,
-    _GPT_IMAGE_EDIT,
-    default_size="auto",
-    default_response_format=None,
-    qualities=("low", "medium", "high", "auto"),
-    default_quality="auto",
-    max_images=16,
-    created=1759276800,
-)
+GPT_IMAGE_1_MINI = replace(GPT_IMAGE_1, id="gpt-image-1-mini", created=1759276800)
 DALL_E_3 = ImageModel(
     "dall-e-3",
     "dall-e-3",
