@@ -256,8 +256,7 @@ class ImageService:
 
     async def _execute(self, job: Job) -> GenerationResult:
         request = job.request
-        if any(_is_http(ep.provider) for ep in self.settings.endpoints):
-            await self._gateway_client()
+        await self._needs_gateway()
         routes = await self._catalog.routes(
             model=request.model,
             endpoint=request.endpoint,
