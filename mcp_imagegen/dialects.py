@@ -9,7 +9,6 @@ manifest field; no gateway is named in this file.
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import html
 import json
@@ -19,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import b64
 from .checks import PreparedRequest
 from .errors import (
     AuthenticationError,
@@ -98,10 +98,6 @@ class WireRequest:
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
-def data_url(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
 def _mime_of(data: bytes) -> str:
     if data.startswith(b"\x89PNG"):
         return "image/png"
@@ -145,7 +141,7 @@ def _alternate(contents: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _parts(text: str, images: Sequence[tuple[bytes, str]]) -> list[dict[str, str]]:
     parts: list[dict[str, str]] = [{"text": text}] if text else []
-    parts.extend({"image": data_url(data, mime)} for data, mime in images)
+    parts.extend({"image": b64.data_url(data, mime)} for data, mime in images)
     return parts
 
 
@@ -193,7 +189,7 @@ def encode(
         return WireRequest("POST", op.path, data=form, files=files)
 
     if inputs.encoding == "data_url_fields":
-        urls = [data_url(img.data, img.mime_type) for img in images]
+        urls = [b64.data_url(img.data, img.mime_type) for img in images]
         if len(urls) > 1:
             if not inputs.multi_image_field:
                 raise InvalidRequestError(f"{manifest.name} has no field for several input images")
@@ -203,7 +199,7 @@ def encode(
         if mask is not None:
             if not inputs.mask_field:
                 raise InvalidRequestError(f"{manifest.name} has no way to send a mask")
-            fields[inputs.mask_field] = data_url(mask, _mime_of(mask))
+            fields[inputs.mask_field] = b64.data_url(mask, _mime_of(mask))
         return WireRequest("POST", op.path, json=fields)
 
     # gemini_contents: the prompt travels as the text part of the last user turn.

@@ -10,7 +10,6 @@ named.
 
 from __future__ import annotations
 
-import base64
 import functools
 import ipaddress
 import os
@@ -24,7 +23,7 @@ import anyio
 import anyio.to_thread
 import httpx2
 
-from . import images
+from . import b64, images
 from .errors import ImageGenError, InputForbiddenError, InputNotFoundError, InvalidRequestError
 from .models import InputImage
 from .store import URI_PREFIX, ImageStore
@@ -302,7 +301,7 @@ def _base64_image_prefix(spec: str) -> bool:
     head = m.group(0)[:24].replace("-", "+").replace("_", "/")
     head = head[: len(head) // 4 * 4]
     try:
-        return images.magic_mime(base64.b64decode(head)) is not None
+        return images.magic_mime(b64.decode(head)) is not None
     except ValueError:
         return False
 

@@ -14,7 +14,6 @@ are made small enough to fit, and when even small previews do not fit the later 
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +23,7 @@ import anyio.to_thread
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, Field
 
+from . import b64
 from .limits import MIN_PREVIEW_BYTES, PREVIEW_MAX_BYTES, PREVIEWS_TOTAL_BYTES, RESULT_CAP_BYTES
 from .models import GenerationResult, ImageRecord, ModelInfo, SavedImage
 from .work import in_worker
@@ -290,7 +290,7 @@ async def _make_inline(
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return b64.encode(data)
 
 
 # --- the three shapes the tools return -------------------------------------------------------------

@@ -8,8 +8,6 @@ received are decoded and saved under a shield.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import secrets
 import time
@@ -22,7 +20,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from . import checks
+from . import b64, checks
 from .catalog import ModelCatalog, Route
 from .config import Settings
 from .errors import (
@@ -468,9 +466,9 @@ class ImageService:
 
         if isinstance(payload, str):
             try:
-                data = base64.b64decode(payload, validate=False)
-            except (binascii.Error, ValueError):
-                raise BadGatewayResponseError("the gateway returned invalid base64 image data") from None
+                data = b64.decode(payload)
+            except ValueError as exc:
+                raise BadGatewayResponseError(f"the gateway returned invalid base64 image data ({exc})") from None
         else:
             data = payload
         try:

@@ -445,7 +445,7 @@ def test_fit_inputs_shrinks_to_data_url_cap() -> None:
     assert len(big) > 3_000_000
     source = InputImage(data=big, mime_type="image/png", width=1100, height=1100, source="file big.png")
     out, notes = fit_inputs([source], m("nano-gpt"), spec("nano-gpt", "flux-kontext"))
-    from mcp_imagegen.dialects import data_url
+    from mcp_imagegen.b64 import data_url
 
     assert len(data_url(out[0].data, out[0].mime_type)) <= 4_000_000
     assert notes and "big.png" in notes[0]

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
+from mcp_imagegen import b64
 from mcp_imagegen.checks import prepare
 from mcp_imagegen.dialects import (
     DiscoveredModel,
     Turn,
     WireRequest,
     classify_error,
-    data_url,
     decode,
     decode_models,
     encode,
@@ -162,7 +162,7 @@ def test_gemini_contents_single_turn_has_no_prompt_field() -> None:
     w = wire_for("ai-nebula", "gemini-2.5-flash-image-preview", req)
     assert w.json is not None and "prompt" not in w.json
     assert w.json["contents"] == [
-        {"role": "user", "parts": [{"text": "bird's eye view"}, {"image": data_url(PNG, "image/png")}]}
+        {"role": "user", "parts": [{"text": "bird's eye view"}, {"image": b64.data_url(PNG, "image/png")}]}
     ]
     assert w.json["response_format"] == "b64_json"
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageChops
 
-from mcp_imagegen import images
+from mcp_imagegen import b64, images
 from mcp_imagegen.errors import InvalidRequestError
 
 
@@ -173,6 +173,21 @@ def test_preview_keeps_transparency_and_aspect() -> None:
     assert p.getpixel((10, 50))[3] == 0 and p.getpixel((250, 50))[3] == 255
 
 
+def test_small_file_is_shown_as_it_is_up_to_twice_the_preview_side() -> None:
+    flat = encode(Image.new("RGB", (1024, 1024), "teal"), "PNG")
+    assert len(flat) < 20_000
+    out, mime = images.make_preview(flat, max_px=512, max_bytes=20_000)
+    assert (out, mime) == (flat, "image/png")  # not decoded, not re-encoded
+
+    # Beyond twice the preview side, or beyond the byte budget, a real preview is made.
+    wide = encode(Image.new("RGB", (1025, 600), "teal"), "PNG")
+    out, mime = images.make_preview(wide, max_px=512, max_bytes=20_000)
+    assert mime == "image/jpeg" and Image.open(io.BytesIO(out)).size == (512, 300)
+    assert images.make_preview(flat, max_px=256, max_bytes=20_000)[1] == "image/jpeg"
+    out, mime = images.make_preview(flat, max_px=512, max_bytes=len(flat) - 1)
+    assert mime == "image/jpeg" and Image.open(io.BytesIO(out)).size == (512, 512)
+
+
 def test_preview_of_small_image_is_not_enlarged() -> None:
     out, _ = images.make_preview(encode(Image.new("RGB", (40, 30), "blue"), "GIF"))
     assert Image.open(io.BytesIO(out)).size == (40, 30)
@@ -306,13 +321,15 @@ def test_encode_as_handles_modes(fmt: str) -> None:
 
 def test_data_url_round_trip_and_tolerance() -> None:
     data = photo_like(8, 8)
-    url = images.to_data_url(data, "image/png")
+    url = b64.data_url(data, "image/png")
     assert url.startswith("data:image/png;base64,")
     assert images.parse_data_url(url) == (data, "image/png")
-    b64 = base64.b64encode(data).decode()
-    messy = "DATA:Image/PNG;charset=x;base64," + "\n".join(b64[i : i + 60] for i in range(0, len(b64), 60)).rstrip("=")
+    text = base64.b64encode(data).decode()
+    messy = "DATA:Image/PNG;charset=x;base64," + "\n".join(text[i : i + 60] for i in range(0, len(text), 60)).rstrip(
+        "="
+    )
     assert images.parse_data_url(messy) == (data, "image/png")
-    assert images.parse_data_url("data:;base64," + b64)[1] == "application/octet-stream"
+    assert images.parse_data_url("data:;base64," + text)[1] == "application/octet-stream"
 
 
 @pytest.mark.parametrize(

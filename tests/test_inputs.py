@@ -15,7 +15,7 @@ import anyio
 import pytest
 from PIL import Image
 
-from mcp_imagegen import images, inputs
+from mcp_imagegen import b64, images, inputs
 from mcp_imagegen.config import Settings
 from mcp_imagegen.errors import InputForbiddenError, InputNotFoundError, InvalidRequestError
 from mcp_imagegen.store import ImageStore
@@ -139,7 +139,7 @@ async def test_relative_path_and_home(root: Path, store: ImageStore, monkeypatch
 
 
 async def test_data_url(root: Path, store: ImageStore) -> None:
-    img = await resolve(images.to_data_url(JPEG, "image/png"), store, [root])  # declared type is not trusted
+    img = await resolve(b64.data_url(JPEG, "image/png"), store, [root])  # declared type is not trusted
     assert (img.mime_type, img.width, img.height, img.source) == ("image/jpeg", 24, 16, "data URL")
 
 
