@@ -6,10 +6,12 @@ agent host multiplexes its tool calls this way); over stdio they necessarily sha
 The value is the wall time of the whole batch (median over rounds); 1.0x would mean the server
 adds nothing to the slowest call.
 
-While the HTTP batches run, `bench/probe.py` (its own process) sends a cheap MCP request every
-10 ms to the same server; its longest round trip during the MCP batches minus its idle median
-estimates the longest event-loop stall in the server (see probe.py). Stdio has one client by
-construction, so it gets no probe.
+The event-loop stall is what the server's own watchdog logs (at DEBUG) during the timed MCP
+batches. As a black-box cross-check, after the timed rounds `bench/probe.py` (its own process)
+sends a cheap MCP request every 10 ms to the same server while each HTTP scenario runs once more;
+its longest round trip during that batch minus its idle median estimates the same stall (see
+probe.py). The probe's 100 requests a second are load of their own, so they stay out of the timed
+rounds. Stdio has one client by construction, so it gets no probe.
 """
 
 from __future__ import annotations
@@ -146,56 +148,66 @@ async def run(ctx: BenchContext) -> list[Metric]:
     ctx.log(f"concurrency: HTTP server at {server.url} (pid {server.pid})")
     results: dict[str, tuple[list[float], list[float]]] = {}
     windows = Windows()
+    probed = Windows()  # the extra batches run while the probe pings the server
     probe: Probe | None = None
     samples: list[tuple[float, float]] = []
     probe_error = ""
+    probe_started = idle_until = 0.0
     direct = ctx.direct()
+
+    async def one_mcp(client: Client, s: Scenario) -> None:
+        await call_generate(client, s.kind, 1)
+
+    async def one_direct(s: Scenario) -> None:
+        await direct.generate(urls[s.kind], 1)
+
+    async def measure(s: Scenario, client: Client) -> None:
+        mcp_times: list[float] = []
+        direct_times: list[float] = []
+        await _batch(s.n, lambda: one_mcp(client, s))  # warm-up: connections to the gateway, lazy imports
+        if not ctx.quick:
+            await _batch(s.n, lambda: one_direct(s))
+        for _ in range(s.rounds or rounds):
+            if budget.expired and mcp_times:
+                break
+            secs, a, b = await _batch(s.n, lambda: one_mcp(client, s))
+            mcp_times.append(secs)
+            windows.mcp.setdefault(s.label, []).append((a, b))
+            secs, a, b = await _batch(s.n, lambda: one_direct(s))
+            direct_times.append(secs)
+            windows.direct.setdefault(s.label, []).append((a, b))
+            ctx.clear_images()
+        results[s.label] = (mcp_times, direct_times)
+        ctx.log(
+            f"concurrency {s.label}: mcp {[round(x, 2) for x in mcp_times]} s, "
+            f"direct {[round(x, 2) for x in direct_times]} s"
+        )
+
     try:
-        try:
-            probe = Probe(server.url, str(ctx.workdir / "probe.stderr.log"))
-        except (TimeoutError, RuntimeError) as exc:
-            probe_error = f"probe did not start: {exc}"
-            ctx.log(probe_error)
-        probe_started = time.monotonic()
-        await anyio.sleep(PROBE_IDLE_S)  # idle samples: the server has nothing else to do
-        idle_until = time.monotonic()
-
-        async def measure(s: Scenario, client: Client) -> None:
-            mcp_times: list[float] = []
-            direct_times: list[float] = []
-
-            async def one_mcp() -> None:
-                await call_generate(client, s.kind, 1)
-
-            async def one_direct() -> None:
-                await direct.generate(urls[s.kind], 1)
-
-            await _batch(s.n, one_mcp)  # warm-up: connections to the gateway, lazy imports
-            if not ctx.quick:
-                await _batch(s.n, one_direct)
-            for _ in range(s.rounds or rounds):
-                if budget.expired and mcp_times:
-                    break
-                secs, a, b = await _batch(s.n, one_mcp)
-                mcp_times.append(secs)
-                windows.mcp.setdefault(s.label, []).append((a, b))
-                secs, a, b = await _batch(s.n, one_direct)
-                direct_times.append(secs)
-                windows.direct.setdefault(s.label, []).append((a, b))
-                ctx.clear_images()
-            results[s.label] = (mcp_times, direct_times)
-            ctx.log(
-                f"concurrency {s.label}: mcp {[round(x, 2) for x in mcp_times]} s, "
-                f"direct {[round(x, 2) for x in direct_times]} s"
-            )
-
         async with http_session(server.url) as client:
             for s in scenarios:
                 if s.transport == "http":
                     await measure(s, client)
-        if probe is not None:
-            samples = probe.stop()
-            probe = None
+            # The probe's own requests load the server, so it pings during extra batches only:
+            # the timed rounds above measure the calls alone.
+            try:
+                probe = Probe(server.url, str(ctx.workdir / "probe.stderr.log"))
+            except (TimeoutError, RuntimeError) as exc:
+                probe_error = f"probe did not start: {exc}"
+                ctx.log(probe_error)
+            if probe is not None:
+                probe_started = time.monotonic()
+                await anyio.sleep(PROBE_IDLE_S)  # idle samples: the server has nothing else to do
+                idle_until = time.monotonic()
+                for s in scenarios:
+                    if s.transport == "http":
+                        _, a, b = await _batch(s.n, lambda s=s: one_mcp(client, s))
+                        probed.mcp.setdefault(s.label, []).append((a, b))
+                        _, a, b = await _batch(s.n, lambda s=s: one_direct(s))
+                        probed.direct.setdefault(s.label, []).append((a, b))
+                        ctx.clear_images()
+                samples = probe.stop()
+                probe = None
         with ctx.errlog("concurrency-stdio") as errlog:
             async with stdio_server(imagegen_stdio_args(), ctx.stdio_env(config), errlog) as stdio:
                 for s in scenarios:
@@ -227,7 +239,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
             )
         )
     metrics += _watchdog_metrics(scenarios, windows, server.log)
-    metrics += _loop_metrics(scenarios, samples, windows, probe_started, idle_until, probe_error)
+    metrics += _loop_metrics(scenarios, samples, probed, probe_started, idle_until, probe_error)
     return metrics
 
 

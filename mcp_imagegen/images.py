@@ -356,6 +356,15 @@ AS_IS_MAX_SCALE = 2
 _SHOWN_AS_IS = {"image/png", "image/jpeg", "image/webp"}
 
 
+def as_is_preview(data: bytes, max_px: int, max_bytes: int) -> tuple[bytes, str] | None:
+    """The image itself, when it can be its own preview (see AS_IS_MAX_SCALE); reads the header only."""
+    mime = magic_mime(data)
+    size = _header_size(data, mime) if mime in _SHOWN_AS_IS else None
+    if size is None or len(data) > max_bytes or min(size) < 1 or max(size) > AS_IS_MAX_SCALE * max_px:
+        return None
+    return data, mime  # type: ignore[return-value]
+
+
 def make_preview(data: bytes, max_px: int = 512, max_bytes: int = 200_000) -> tuple[bytes, str]:
     """A small image for inline display: at most max_bytes, longest side <= max_px.
 
@@ -363,10 +372,9 @@ def make_preview(data: bytes, max_px: int = 512, max_bytes: int = 200_000) -> tu
     WebP); WebP where there is transparency to keep (JPEG where WebP is unavailable). A small
     file within AS_IS_MAX_SCALE * max_px is returned unchanged, with no decoding at all.
     """
-    mime = magic_mime(data)
-    size = _header_size(data, mime) if mime in _SHOWN_AS_IS else None
-    if size is not None and len(data) <= max_bytes and max(size) <= AS_IS_MAX_SCALE * max_px and min(size) >= 1:
-        return data, mime  # type: ignore[return-value]
+    same = as_is_preview(data, max_px, max_bytes)
+    if same is not None:
+        return same
     im, _ = _open(data, "image")
     target = _fit_within(im.width, im.height, max_px)
     im.draft("RGB", target)

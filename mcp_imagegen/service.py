@@ -42,7 +42,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
-from .work import in_worker, settle_heap, watch_event_loop
+from .work import in_worker, in_worker_unless_small, settle_heap, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -481,6 +481,11 @@ class ImageService:
             ) from None
         return data, mime, width, height
 
+    def _as_is_preview(self, data: bytes, n: int) -> tuple[bytes, str] | None:
+        from . import images
+
+        return images.as_is_preview(data, self.settings.preview_max_px, preview_bytes_for(n))
+
     def _preview(self, data: bytes, n: int) -> tuple[bytes, str] | None:
         from . import images
 
@@ -502,7 +507,9 @@ class ImageService:
         request = job.request
         source = f"the image from endpoint {route.endpoint.name!r}"
         try:
-            data, mime, width, height = await in_worker(lambda: self._examine(payload, source))
+            data, mime, width, height = await in_worker_unless_small(
+                lambda: self._examine(payload, source), len(payload)
+            )
         except BadGatewayResponseError as exc:
             exc.endpoint = route.endpoint.name
             raise
@@ -527,17 +534,20 @@ class ImageService:
                 job_id=job.id,
             )
 
-        # The preview (decode + encode, CPU) overlaps the fsync'd write (disk).
-        preview_made: tuple[bytes, str] | None = None
-
-        async def make_preview() -> None:
-            nonlocal preview_made
-            preview_made = await in_worker(lambda: self._preview(data, request.n))
-
-        async with anyio.create_task_group() as tg:
-            if self._make_previews:
-                tg.start_soon(make_preview)
+        # A small file is its own preview (no thread needed); otherwise the preview's decode and
+        # encode (CPU) overlap the fsync'd write (disk).
+        preview_made = self._as_is_preview(data, request.n) if self._make_previews else None
+        if preview_made is not None or not self._make_previews:
             record = await anyio.to_thread.run_sync(save)
+        else:
+
+            async def make_preview() -> None:
+                nonlocal preview_made
+                preview_made = await in_worker(lambda: self._preview(data, request.n))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(make_preview)
+                record = await anyio.to_thread.run_sync(save)
         if preview_made is not None:
             self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:

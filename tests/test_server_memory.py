@@ -224,6 +224,26 @@ async def test_generate_returns_preview_link_text_and_structured_content(tmp_pat
     assert str(path) in texts(result) and image["uri"] in texts(result)
 
 
+async def test_a_small_flat_image_is_its_own_preview_a_photo_gets_a_small_jpeg(
+    tmp_path: Path, mode: str, emu: OpenAIEmulator
+) -> None:
+    async with connect(emulator_settings(tmp_path, emu), mode) as client:
+        flat = await ok(client, "generate_image", {"prompt": "a logo", "model": "gpt-image-1", "size": "1024x1024"})
+        emu.image_kind = "photo"
+        photo = await ok(client, "generate_image", {"prompt": "a lake", "model": "gpt-image-1", "size": "1024x1024"})
+
+    [preview] = blocks(flat, ImageContent)
+    saved = Path(flat.structured_content["images"][0]["path"]).read_bytes()
+    assert len(saved) < 64_000  # a flat 1024x1024 PNG: a few KB
+    assert (base64.b64decode(preview.data), preview.mime_type) == (saved, "image/png")
+
+    [preview] = blocks(photo, ImageContent)
+    assert Path(photo.structured_content["images"][0]["path"]).stat().st_size > 1_000_000
+    assert preview.mime_type == "image/jpeg"
+    with Image.open(io.BytesIO(base64.b64decode(preview.data))) as im:
+        assert max(im.size) == 512
+
+
 async def test_generate_n3_reports_progress_per_image(tmp_path: Path, mode: str) -> None:
     seen: list[tuple[float, float | None, str | None]] = []
 

@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from mcp_imagegen.work import cpu_limiter, in_worker, watch_event_loop
+from mcp_imagegen.work import SMALL_INPUT_BYTES, cpu_limiter, in_worker, in_worker_unless_small, watch_event_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -46,6 +46,12 @@ async def test_cpu_work_runs_off_the_loop_at_most_one_thread_per_core() -> None:
             tg.start_soon(one)
     assert loop_thread not in threads
     assert peak == cpu_limiter().total_tokens == max(2, os.cpu_count() or 2)
+
+
+async def test_work_on_a_small_input_stays_on_the_loop_a_big_one_goes_to_a_worker() -> None:
+    loop_thread = threading.get_ident()
+    assert await in_worker_unless_small(threading.get_ident, SMALL_INPUT_BYTES) == loop_thread
+    assert await in_worker_unless_small(threading.get_ident, SMALL_INPUT_BYTES + 1) != loop_thread
 
 
 async def test_watchdog_reports_a_blocked_loop(caplog: pytest.LogCaptureFixture) -> None:

@@ -416,6 +416,9 @@ class Emulator:
             http="h11",
             ws="none",
             timeout_graceful_shutdown=1,
+            # Real front ends keep idle connections for about a minute (nginx: 75 s). uvicorn's
+            # 5 s would close them between a benchmark's batches, racing the client's reuse.
+            timeout_keep_alive=75,
         )
         return _Server(config, on_ready)
 
