@@ -44,7 +44,7 @@ from .errors import (
 )
 from .manifests import Manifest
 from .models import WireResult
-from .work import in_worker
+from .work import in_worker_unless_small
 
 log = logging.getLogger("mcp_imagegen.gateway")
 T = TypeVar("T")
@@ -53,7 +53,6 @@ MAX_BODY_BYTES = 128 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 1024 * 1024  # error bodies are messages; keep the start of a huge one
 CONNECT_TIMEOUT_S = 10.0
 FETCH_TIMEOUT_S = 120.0
-INLINE_DECODE_BYTES = 256 * 1024  # larger answers are parsed in a worker thread
 USER_AGENT = "mcp-imagegen"
 
 
@@ -364,11 +363,7 @@ class GatewayClient:
                         )
                     status, nbytes = answer.status, len(answer.body)
                     # Parsing megabytes of JSON (base64 images) would stall the event loop.
-                    result = (
-                        await in_worker(lambda answer=answer: handle(answer))
-                        if nbytes > INLINE_DECODE_BYTES
-                        else handle(answer)
-                    )
+                    result = await in_worker_unless_small(lambda answer=answer: handle(answer), nbytes)
                     outcome = "ok"
                     return result
                 except _Failure as failure:

@@ -42,7 +42,7 @@ async def in_worker_unless_small(fn: Callable[[], T], input_bytes: int) -> T:
 
     Handing work to a thread and back costs the event loop ~0.2 ms of scheduling and wake-ups;
     checking and decoding the base64 of a 10 KB image costs 20 us. Only for work whose cost
-    follows its input's size (base64, checksums), not for pixel work that a small file can hide.
+    follows its input's size (JSON, base64, checksums), not for pixel work that a small file can hide.
     """
     if input_bytes <= SMALL_INPUT_BYTES:
         return fn()
