@@ -77,7 +77,12 @@ class Settings(BaseModel):
         gt=0,
         description="A generate/edit call that runs longer returns a job handle; the work goes on.",
     )
-    preview_max_px: int = Field(default=512, ge=64, le=1024, description="Longest side of inline previews; a small file up to twice this is shown as it is.")
+    preview_max_px: int = Field(
+        default=512,
+        ge=64,
+        le=1024,
+        description="Longest side of inline previews; a small file up to twice this is shown as it is.",
+    )
     inline_full_image: bool = Field(
         default=False, description="Inline the full image (downscaled to fit the result cap) instead of a preview."
     )

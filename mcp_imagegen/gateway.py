@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ from .errors import (
 )
 from .manifests import Manifest
 from .models import WireResult
+from .transport import gateway_transport
 from .work import in_worker_unless_small
 
 log = logging.getLogger("mcp_imagegen.gateway")
@@ -137,12 +137,7 @@ class GatewayClient:
     async def __aenter__(self) -> Self:
         # Many tool calls at once, each fanning out; the per-endpoint limiters do the real capping.
         limits = httpx2.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
-        transport = self._transport or httpx2.AsyncHTTPTransport(
-            limits=limits,
-            # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm
-            # can hold the body until the gateway's delayed ACK, adding ~40 ms to a call.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
+        transport = self._transport or gateway_transport(limits)
         self._client = httpx2.AsyncClient(
             http1=True,
             http2=False,
