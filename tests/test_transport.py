@@ -11,7 +11,7 @@ import anyio
 import httpx2
 import pytest
 
-from mcp_imagegen.transport import PollingBackend, gateway_transport
+from mcp_imagegen.transport import CHECK_EVERY_S, PollingBackend, gateway_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -84,7 +84,9 @@ async def test_a_connection_the_gateway_closed_while_idle_is_not_reused(closing_
         with anyio.fail_after(5):
             while not closing_server.closed.is_set():
                 await anyio.sleep(0.01)
-        await anyio.sleep(0.05)  # the FIN has reached the client's socket
+        # The FIN has reached the client's socket, and the last check (made when the first
+        # answer ended, before the close) is too old to be reused.
+        await anyio.sleep(CHECK_EVERY_S + 0.02)
         # Reusing the closed connection would fail with "server disconnected"; the idle check
         # sees the end of the stream and opens a new connection instead.
         second = await client.get(url)
