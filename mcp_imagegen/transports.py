@@ -204,12 +204,19 @@ def uvicorn_log_config() -> dict[str, Any]:
 
 
 async def _serve_uvicorn(app: Starlette, host: str, port: int) -> None:
+    import uvicorn
+
+    await uvicorn.Server(uvicorn_config(app, host, port)).serve()
+
+
+def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
+    """How uvicorn serves the HTTP transports (a uvicorn.Config)."""
     try:
         import uvicorn
     except ImportError:  # pragma: no cover - uvicorn comes with the SDK's HTTP extras
         raise ConfigError("the HTTP transports need uvicorn: pip install uvicorn") from None
     level = logging.getLogger("mcp_imagegen").getEffectiveLevel()
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -217,8 +224,11 @@ async def _serve_uvicorn(app: Starlette, host: str, port: int) -> None:
         log_level="info" if level <= logging.INFO else "warning",
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # uvicorn's 5 s equals httpx's idle expiry, so a client calling again ~5 s after its last
+        # call could send on a connection being closed and get a read error. Load balancers idle
+        # out after 60 s; staying open longer than clients and proxies leaves the closing to them.
+        timeout_keep_alive=75,
     )
-    await uvicorn.Server(config).serve()
 
 
 async def serve_stdio(settings: Settings) -> None:

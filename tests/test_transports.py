@@ -33,7 +33,7 @@ from pydantic import SecretStr
 
 from mcp_imagegen.config import EndpointConfig, Settings
 from mcp_imagegen.errors import ConfigError
-from mcp_imagegen.transports import http_app, sse_app
+from mcp_imagegen.transports import http_app, sse_app, uvicorn_config
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
@@ -210,7 +210,8 @@ async def test_stdio_images_survive_a_restart(tmp_path: Path) -> None:
 
 @contextmanager
 def serve(app: Any, sock: socket.socket) -> Iterator[str]:
-    config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn_config(app, *sock.getsockname()[:2])  # what `serve` runs, with the socket bound here
+    config.timeout_graceful_shutdown = 2
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -224,6 +225,13 @@ def serve(app: Any, sock: socket.socket) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_idle_client_connections_outlive_client_and_proxy_idle_timeouts(tmp_path: Path) -> None:
+    # httpx expires idle connections after 5 s and load balancers after 60 s; uvicorn's own 5 s
+    # default raced the first and made clients calling ~5 s apart fail with read errors.
+    config = uvicorn_config(http_app(settings_for(tmp_path), host="127.0.0.1", port=8000), "127.0.0.1", 8000)
+    assert config.timeout_keep_alive > 60
 
 
 def bound_socket() -> socket.socket:
