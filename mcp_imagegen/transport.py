@@ -33,13 +33,14 @@ CHECK_EVERY_S = 0.05
 
 
 def gateway_transport(limits: httpx2.Limits) -> httpx2.AsyncHTTPTransport:
-    transport = httpx2.AsyncHTTPTransport(limits=limits, socket_options=SOCKET_OPTIONS)
+    tls = httpx2.create_ssl_context()  # loading the CA bundle takes ~20 ms: once, shared
+    transport = httpx2.AsyncHTTPTransport(verify=tls, limits=limits, socket_options=SOCKET_OPTIONS)
     if isinstance(getattr(transport, "_pool", None), httpcore2.AsyncConnectionPool):
         # httpx2 does not pass a network backend through, so its pool is made again with the
         # same settings. Should httpx2 rename the attribute, its own pool (slower, not wrong)
         # stays, and tests/test_transport.py says so.
         transport._pool = httpcore2.AsyncConnectionPool(
-            ssl_context=httpx2.create_ssl_context(),
+            ssl_context=tls,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
