@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -68,12 +69,17 @@ async def watch_event_loop(tick_s: float = 0.005, report_over_s: float = 0.01) -
     """Log every event-loop stall longer than `report_over_s` (a DEBUG diagnostic).
 
     A task that should wake every `tick_s` measures how late it wakes: the lateness is how long
-    something held the loop. Runs only while DEBUG logging is on, so it costs nothing otherwise.
+    something held the loop. `cpu_ms` is how much of that time the loop's thread was computing;
+    the rest it waited for a processor (other processes, or worker threads holding the GIL).
+    Runs only while DEBUG logging is on, so it costs nothing otherwise.
     """
     log = logging.getLogger("mcp_imagegen.loop")
     while True:
-        start = anyio.current_time()
+        start, cpu_start = anyio.current_time(), time.thread_time()
         await anyio.sleep(tick_s)
         late = anyio.current_time() - start - tick_s
         if late > report_over_s:
-            log.debug("event loop stalled", extra={"fields": {"ms": round(late * 1000, 1)}})
+            cpu = min(late, time.thread_time() - cpu_start)
+            log.debug(
+                "event loop stalled", extra={"fields": {"ms": round(late * 1000, 1), "cpu_ms": round(cpu * 1000, 1)}}
+            )

@@ -54,16 +54,32 @@ async def test_work_on_a_small_input_stays_on_the_loop_a_big_one_goes_to_a_worke
     assert await in_worker_unless_small(threading.get_ident, SMALL_INPUT_BYTES + 1) != loop_thread
 
 
-async def test_watchdog_reports_a_blocked_loop(caplog: pytest.LogCaptureFixture) -> None:
+async def test_watchdog_reports_a_blocked_loop_and_how_much_of_it_was_computing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG, logger="mcp_imagegen.loop")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_event_loop)
-        await anyio.sleep(0.05)
-        time.sleep(0.12)  # hold the loop, as CPU work on it would
-        await anyio.sleep(0.05)
-        tg.cancel_scope.cancel()
-    stalls = [r.fields["ms"] for r in caplog.records if r.getMessage() == "event loop stalled"]  # type: ignore[attr-defined]
-    assert stalls and max(stalls) >= 100
+
+    async def stall(busy: bool) -> tuple[float, float]:
+        caplog.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_event_loop)
+            await anyio.sleep(0.05)
+            end = time.monotonic() + 0.12
+            if busy:
+                while time.monotonic() < end:  # CPU work on the loop
+                    pass
+            else:
+                time.sleep(0.12)  # the loop's thread held without computing
+            await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        records = [r for r in caplog.records if r.getMessage() == "event loop stalled"]
+        worst = max(records, key=lambda r: r.fields["ms"])  # type: ignore[attr-defined]
+        return worst.fields["ms"], worst.fields["cpu_ms"]  # type: ignore[attr-defined]
+
+    ms, cpu_ms = await stall(busy=True)
+    assert ms >= 100 and cpu_ms >= 80
+    ms, cpu_ms = await stall(busy=False)
+    assert ms >= 100 and cpu_ms < 50
 
 
 def test_heap_is_settled_once_per_process() -> None:
