@@ -41,9 +41,9 @@ from .errors import (
     ImageGenError,
     RateLimitedError,
 )
+from .gateway_pool import gateway_transport
 from .manifests import Manifest
 from .models import WireResult
-from .transport import gateway_transport
 from .work import in_worker_unless_small
 
 log = logging.getLogger("mcp_imagegen.gateway")

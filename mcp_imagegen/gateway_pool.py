@@ -38,7 +38,7 @@ def gateway_transport(limits: httpx2.Limits) -> httpx2.AsyncHTTPTransport:
     if isinstance(getattr(transport, "_pool", None), httpcore2.AsyncConnectionPool):
         # httpx2 does not pass a network backend through, so its pool is made again with the
         # same settings. Should httpx2 rename the attribute, its own pool (slower, not wrong)
-        # stays, and tests/test_transport.py says so.
+        # stays, and tests/test_gateway_pool.py says so.
         transport._pool = httpcore2.AsyncConnectionPool(
             ssl_context=tls,
             max_connections=limits.max_connections,

@@ -11,7 +11,7 @@ import anyio
 import httpx2
 import pytest
 
-from mcp_imagegen.transport import CHECK_EVERY_S, PollingBackend, gateway_transport
+from mcp_imagegen.gateway_pool import CHECK_EVERY_S, PollingBackend, gateway_transport
 
 pytestmark = pytest.mark.anyio
 
