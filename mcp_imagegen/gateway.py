@@ -24,6 +24,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -98,11 +99,18 @@ class _Failure(Exception):
         self.final = final
 
 
-@dataclass(slots=True)
+@dataclass
 class _Answer:
     status: int
     headers: Mapping[str, str]
-    body: bytes
+    chunks: list[bytes]
+    size: int
+
+    @cached_property
+    def body(self) -> bytes:
+        # Joined where it is first read: for a big answer that is the worker thread that parses
+        # it, so the event loop never copies megabytes (nor faults their fresh pages in).
+        return b"".join(self.chunks)
 
 
 class GatewayClient:
@@ -263,7 +271,7 @@ class GatewayClient:
                                 break
                             raise _Failure(_too_large(endpoint_name, where, size, cap))
                         chunks.append(chunk)
-                    return _Answer(response.status_code, response.headers, b"".join(chunks))
+                    return _Answer(response.status_code, response.headers, chunks, sum(map(len, chunks)))
         except TimeoutError:
             raise _Failure(
                 GatewayTimeoutError(
@@ -356,7 +364,7 @@ class GatewayClient:
                             data=data,
                             files=files,
                         )
-                    status, nbytes = answer.status, len(answer.body)
+                    status, nbytes = answer.status, answer.size
                     # Parsing megabytes of JSON (base64 images) would stall the event loop.
                     result = await in_worker_unless_small(lambda answer=answer: handle(answer), nbytes)
                     outcome = "ok"
@@ -515,7 +523,7 @@ class GatewayClient:
                         follow_redirects=True,
                         max_body=max_bytes,
                     )
-                    status, nbytes = answer.status, len(answer.body)
+                    status, nbytes = answer.status, answer.size
                     if 200 <= answer.status < 300:
                         if not answer.body:
                             raise BadGatewayResponseError(f"the result URL {where} returned an empty body")

@@ -680,3 +680,32 @@ async def test_one_log_line_per_call(emus: dict[str, Emulator], caplog: pytest.L
     assert fields["retries"] == 1 and fields["path"] == "/v1/images/generations" and fields["bytes"] > 0
     downloads = [r for r in caplog.records if r.getMessage() == "result download"]
     assert all("?" not in r.fields["url"] for r in downloads)  # type: ignore[attr-defined]
+
+
+# --- big answers ---------------------------------------------------------------------------------
+
+
+async def test_a_big_answer_is_joined_and_parsed_off_the_event_loop(
+    fresh: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    from functools import cached_property
+
+    from mcp_imagegen import gateway
+
+    joined_on: list[int] = []
+    join = gateway._Answer.body.func
+
+    def body(answer: Any) -> bytes:
+        joined_on.append(threading.get_ident())
+        return join(answer)
+
+    recording = cached_property(body)
+    recording.__set_name__(gateway._Answer, "body")
+    monkeypatch.setattr(gateway._Answer, "body", recording)
+    emu = fresh("openai")
+    emu.image_kind = "photo"  # ~2.8 MB of PNG, ~3.7 MB of JSON
+    async with client() as gw:
+        _, blobs = await call(gw, "openai", emu, gen(n=1))
+    assert is_image(blobs[0]) and len(blobs[0]) > 1_000_000
+    assert joined_on and threading.get_ident() not in joined_on
