@@ -20,7 +20,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from . import b64, checks, heap
+from . import b64, checks
 from .catalog import ModelCatalog, Route
 from .config import Settings
 from .errors import (
@@ -42,7 +42,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
-from .work import in_worker, in_worker_unless_small, watch_event_loop
+from .work import in_worker, in_worker_unless_small, settle_heap, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -224,7 +224,6 @@ class ImageService:
             del self._jobs[old.id]
 
     async def _run_job(self, job: Job) -> None:
-        heap.pin_mmap_threshold()  # before the first image buffer; start-up does not need ctypes
         with anyio.CancelScope() as scope:
             job._scope = scope
             try:
@@ -249,7 +248,7 @@ class ImageService:
         job.request.images = []
         job.request.mask = None
         job._done.set()
-        heap.settle_heap()  # once per process, after the first job has loaded the lazy modules
+        settle_heap()  # once per process, after the first job has loaded the lazy modules
 
     # --- one generation ------------------------------------------------------------------------
 
