@@ -1,4 +1,4 @@
-"""The gateway transport: its own idle-connection check, against a real server on loopback."""
+"""The gateway transport: its idle-connection check and its several pools, against real servers on loopback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import anyio
 import httpx2
 import pytest
 
-from mcp_imagegen.gateway_pool import CHECK_EVERY_S, PollingBackend, gateway_transport
+from mcp_imagegen.gateway_pool import CHECK_EVERY_S, SHARD_FILL, SHARDS, PollingBackend, gateway_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +73,9 @@ def test_the_pool_uses_the_polling_backend() -> None:
     # If an httpx2 release renames its pool attribute, the transport silently keeps httpx2's own
     # (slower) pool; this test is where that shows.
     transport = gateway_transport(LIMITS)
-    assert isinstance(transport._pool._network_backend, PollingBackend)  # type: ignore[attr-defined]
+    assert len(transport.shards) == SHARDS
+    for shard in transport.shards:
+        assert isinstance(shard._pool._network_backend, PollingBackend)  # type: ignore[attr-defined]
 
 
 async def test_a_connection_the_gateway_closed_while_idle_is_not_reused(closing_server: ClosingServer) -> None:
@@ -92,3 +94,117 @@ async def test_a_connection_the_gateway_closed_while_idle_is_not_reused(closing_
         second = await client.get(url)
         assert second.json() == {"ok": True}
     assert closing_server.connections == 2
+
+
+class HoldingServer:
+    """HTTP/1.1 keep-alive on 127.0.0.1, a thread per connection, that holds every answer until
+    the test lets them go: so a test can look at the client while its requests are in flight."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.arrived = 0
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            pending = b""
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    pending += chunk
+                _, pending = pending.split(b"\r\n\r\n", 1)  # GETs only: no body follows
+                with self._lock:
+                    self.arrived += 1
+                self.release.wait(10)
+                body = b'{"ok": true}'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+
+    def close(self) -> None:
+        self.release.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def holding_server() -> Iterator[HoldingServer]:
+    server = HoldingServer()
+    yield server
+    server.close()
+
+
+WIDE = httpx2.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
+
+
+async def test_one_caller_at_a_time_keeps_reusing_one_connection(holding_server: HoldingServer) -> None:
+    holding_server.release.set()
+    transport = gateway_transport(WIDE)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        for _ in range(12):
+            response = await client.get(f"http://127.0.0.1:{holding_server.port}/v1/models")
+            assert response.json() == {"ok": True}
+        assert transport.in_flight == [0] * SHARDS
+    assert holding_server.connections == 1
+
+
+async def test_many_calls_at_once_spread_over_pools_and_are_released(holding_server: HoldingServer) -> None:
+    calls = 3 * SHARD_FILL + 2
+    transport = gateway_transport(WIDE)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        answers: list[object] = []
+
+        async def one() -> None:
+            response = await client.get(f"http://127.0.0.1:{holding_server.port}/v1/models")
+            answers.append(response.json())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(calls):
+                tg.start_soon(one)
+            with anyio.fail_after(10):
+                while holding_server.arrived < calls:
+                    await anyio.sleep(0.01)
+            # Every pool fills to SHARD_FILL before the next one takes requests.
+            assert transport.in_flight[:4] == [SHARD_FILL, SHARD_FILL, SHARD_FILL, 2]
+            assert sum(transport.in_flight) == calls
+            holding_server.release.set()
+        assert answers == [{"ok": True}] * calls
+        # Closing each answer gave its pool its place back.
+        assert transport.in_flight == [0] * SHARDS
+    assert holding_server.connections == calls
+
+
+async def test_a_request_that_fails_gives_its_place_back() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]  # closed below: nothing listens there any more
+    transport = gateway_transport(WIDE)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx2.ConnectError):
+            await client.get(f"http://127.0.0.1:{port}/v1/models")
+        assert transport.in_flight == [0] * SHARDS
+
+
+async def test_an_answer_closed_unread_gives_its_place_back(holding_server: HoldingServer) -> None:
+    holding_server.release.set()
+    transport = gateway_transport(WIDE)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        async with client.stream("GET", f"http://127.0.0.1:{holding_server.port}/v1/models") as response:
+            assert response.status_code == 200
+            assert sum(transport.in_flight) == 1
+        assert transport.in_flight == [0] * SHARDS
