@@ -7,7 +7,9 @@ The value is the wall time of the whole batch (median over rounds); 1.0x would m
 adds nothing to the slowest call.
 
 The event-loop stall is what the server's own watchdog logs (at DEBUG) during the timed MCP
-batches. As a black-box cross-check, after the timed rounds `bench/probe.py` (its own process)
+batches. Its baseline is the same watchdog in `bench/bare_http_server.py`, a bare `MCPServer` whose
+tool only makes the direct call, during the same batches sent to it in the same rounds: the stall
+that the SDK, uvicorn and httpx2 alone cause on this machine. As a black-box cross-check, after the timed rounds `bench/probe.py` (its own process)
 sends a cheap MCP request every 10 ms to the same server while each HTTP scenario runs once more;
 its longest round trip during that batch minus its idle median estimates the same stall (see
 probe.py). The probe's 100 requests a second are load of their own, so they stay out of the timed
@@ -46,6 +48,7 @@ from .harness import (
     imagegen_stdio_args,
     median,
     p,
+    start_bare_http_server,
     start_http_server,
     stdio_server,
 )
@@ -86,6 +89,7 @@ class Windows:
 
     mcp: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     direct: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    bare: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 async def _batch(n: int, call: Callable[[], Coroutine[Any, Any, object]]) -> tuple[float, float, float]:
@@ -146,7 +150,10 @@ async def run(ctx: BenchContext) -> list[Metric]:
     # DEBUG turns on the server's event-loop watchdog, whose log lines give the in-server stall.
     server = start_http_server(config, ctx.api_key, ctx.workdir, log_level="DEBUG")
     ctx.log(f"concurrency: HTTP server at {server.url} (pid {server.pid})")
+    bare = start_bare_http_server(urls, ctx.api_key, ctx.workdir, ctx.output_dir)
+    ctx.log(f"concurrency: bare SDK HTTP server at {bare.url} (pid {bare.pid})")
     results: dict[str, tuple[list[float], list[float]]] = {}
+    bare_times: dict[str, list[float]] = {}
     windows = Windows()
     probed = Windows()  # the extra batches run while the probe pings the server
     probe: Probe | None = None
@@ -161,10 +168,12 @@ async def run(ctx: BenchContext) -> list[Metric]:
     async def one_direct(s: Scenario) -> None:
         await direct.generate(urls[s.kind], 1)
 
-    async def measure(s: Scenario, client: Client) -> None:
+    async def measure(s: Scenario, client: Client, bare_client: Client | None = None) -> None:
         mcp_times: list[float] = []
         direct_times: list[float] = []
         await _batch(s.n, lambda: one_mcp(client, s))  # warm-up: connections to the gateway, lazy imports
+        if bare_client is not None:
+            await _batch(s.n, lambda: one_mcp(bare_client, s))
         if not ctx.quick:
             await _batch(s.n, lambda: one_direct(s))
         for _ in range(s.rounds or rounds):
@@ -176,6 +185,10 @@ async def run(ctx: BenchContext) -> list[Metric]:
             secs, a, b = await _batch(s.n, lambda: one_direct(s))
             direct_times.append(secs)
             windows.direct.setdefault(s.label, []).append((a, b))
+            if bare_client is not None:
+                secs, a, b = await _batch(s.n, lambda: one_mcp(bare_client, s))
+                bare_times.setdefault(s.label, []).append(secs)
+                windows.bare.setdefault(s.label, []).append((a, b))
             ctx.clear_images()
         results[s.label] = (mcp_times, direct_times)
         ctx.log(
@@ -184,10 +197,10 @@ async def run(ctx: BenchContext) -> list[Metric]:
         )
 
     try:
-        async with http_session(server.url) as client:
+        async with http_session(server.url) as client, http_session(bare.url) as bare_client:
             for s in scenarios:
                 if s.transport == "http":
-                    await measure(s, client)
+                    await measure(s, client, bare_client)
             # The probe's own requests load the server, so it pings during extra batches only:
             # the timed rounds above measure the calls alone.
             try:
@@ -218,6 +231,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
             probe.stop()
         await direct.aclose()
         REGISTRY.kill(server.proc)
+        REGISTRY.kill(bare.proc)
         ctx.clear_images()
 
     metrics: list[Metric] = []
@@ -226,6 +240,9 @@ async def run(ctx: BenchContext) -> list[Metric]:
             continue
         mcp_times, direct_times = results[s.label]
         session = "one shared session" if s.transport == "http" else "one stdio session"
+        bare_note = ""
+        if s.label in bare_times:
+            bare_note = f"; the bare SDK server: median {median(bare_times[s.label]):.3f} s"
         metrics.append(
             Metric(
                 f"concurrency {s.label}",
@@ -234,11 +251,12 @@ async def run(ctx: BenchContext) -> list[Metric]:
                 baseline=median(direct_times),
                 baseline_label=f"{s.n} direct parallel httpx2",
                 target=None if s.target_ratio is None else Target("ratio", s.target_ratio),
-                notes=f"emulator latency {LATENCY_S:g}s; {session}; batch wall time, median of {len(mcp_times)}",
-                details={"mcp_s": mcp_times, "direct_s": direct_times},
+                notes=f"emulator latency {LATENCY_S:g}s; {session}; batch wall time, median of {len(mcp_times)}"
+                + bare_note,
+                details={"mcp_s": mcp_times, "direct_s": direct_times, "bare_sdk_s": bare_times.get(s.label)},
             )
         )
-    metrics += _watchdog_metrics(scenarios, windows, server.log)
+    metrics += _watchdog_metrics(scenarios, windows, server.log, bare.log)
     metrics += _loop_metrics(scenarios, samples, probed, probe_started, idle_until, probe_error)
     return metrics
 
@@ -246,35 +264,65 @@ async def run(ctx: BenchContext) -> list[Metric]:
 _STALL_LINE = re.compile(r"^(\S+)Z DEBUG\s+mcp_imagegen\.loop event loop stalled ms=([0-9.]+)(?: cpu_ms=([0-9.]+))?")
 
 
-def _watchdog_metrics(scenarios: list[Scenario], windows: Windows, log: Path) -> list[Metric]:
-    """The longest stall the server's own watchdog logged inside each scenario's MCP batches."""
+def _stalls(log: Path) -> list[tuple[float, float, float]]:
+    """(when on the monotonic clock, ms, of which the loop's thread computed) per watchdog line."""
     # Log lines carry UTC wall-clock times; the batch windows are on the monotonic clock.
     offset = time.time() - time.monotonic()
-    stalls: list[tuple[float, float, float]] = []  # (when, ms, of which the loop's thread computed)
+    stalls: list[tuple[float, float, float]] = []
     for line in log.read_text(errors="replace").splitlines():
         match = _STALL_LINE.match(line)
         if match:
             at = datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC).timestamp() - offset
             stalls.append((at, float(match.group(2)), float(match.group(3) or "nan")))
+    return stalls
+
+
+def _worst(stalls: list[tuple[float, float, float]], windows: list[tuple[float, float]]) -> tuple[int, float, float]:
+    """(stalls inside the windows, the longest, its computing part)."""
+    during = [(ms, cpu) for at, ms, cpu in stalls if _in(windows, at)]
+    worst, worst_cpu = max(during, default=(0.0, 0.0))
+    return len(during), worst, worst_cpu
+
+
+def _watchdog_metrics(scenarios: list[Scenario], windows: Windows, log: Path, bare_log: Path) -> list[Metric]:
+    """The longest stall the server's own watchdog logged inside each scenario's MCP batches,
+    against the longest the bare SDK server's watchdog logged inside its batches of the same rounds."""
+    ours, floor = _stalls(log), _stalls(bare_log)
     out: list[Metric] = []
     for s in scenarios:
         if s.transport != "http" or s.label not in windows.mcp:
             continue
-        during = [(ms, cpu) for at, ms, cpu in stalls if _in(windows.mcp[s.label], at)]
-        worst, worst_cpu = max(during, default=(0.0, 0.0))
+        count, worst, worst_cpu = _worst(ours, windows.mcp[s.label])
+        bare_count, bare_worst, bare_cpu = _worst(floor, windows.bare.get(s.label, []))
+        measured_bare = s.label in windows.bare
         out.append(
             Metric(
                 f"event-loop stall in server, {s.label}",
                 worst,
                 "ms",
+                baseline=bare_worst if measured_bare else None,
+                baseline_label="bare SDK server, same batches",
                 # The issue's scenarios carry the 50 ms target; the extra ones are information.
                 target=Target("value", 50.0) if s.target_ratio is not None else None,
                 notes=(
                     f"the server's watchdog (wakes every 5 ms, logs lateness over 10 ms at DEBUG): "
-                    f"{len(during)} stalls over 10 ms during the MCP batches, longest {worst:.0f} ms, of which "
+                    f"{count} stalls over 10 ms during the MCP batches, longest {worst:.0f} ms, of which "
                     f"the loop's thread computed {worst_cpu:.0f} ms (the rest it waited for a processor)"
+                    + (
+                        f"; bare SDK server (bench/bare_http_server.py): {bare_count} stalls over 10 ms, "
+                        f"longest {bare_worst:.0f} ms, of which computing {bare_cpu:.0f} ms"
+                        if measured_bare
+                        else ""
+                    )
                 ),
-                details={"stalls_over_10ms": len(during), "max_ms": worst, "max_stall_cpu_ms": worst_cpu},
+                details={
+                    "stalls_over_10ms": count,
+                    "max_ms": worst,
+                    "max_stall_cpu_ms": worst_cpu,
+                    "bare_sdk_stalls_over_10ms": bare_count if measured_bare else None,
+                    "bare_sdk_max_ms": bare_worst if measured_bare else None,
+                    "bare_sdk_max_stall_cpu_ms": bare_cpu if measured_bare else None,
+                },
             )
         )
     return out

@@ -542,19 +542,29 @@ def start_http_server(
     config: Path, api_key: str, workdir: Path, timeout: float = 45.0, log_level: str | None = None
 ) -> HttpServer:
     port = free_port()
-    log = workdir / f"server-http-{port}.log"
     args = [PYTHON, "-m", "mcp_imagegen", "serve", "--transport", "http", "--host", HOST, "--port", str(port)]
+    env = {**server_env(config, api_key, full=True), **({"MCP_IMAGEGEN_LOG_LEVEL": log_level} if log_level else {})}
+    return _start_http(args, env, port, workdir / f"server-http-{port}.log", timeout)
+
+
+def start_bare_http_server(
+    gateways: dict[str, str], api_key: str, workdir: Path, output_dir: Path, timeout: float = 45.0
+) -> HttpServer:
+    """`bench/bare_http_server.py`: the bare-SDK floor for the event-loop stall."""
+    port = free_port()
+    env = {
+        **_clean_env(),
+        "BARE_GATEWAYS": json.dumps(gateways),
+        "BARE_API_KEY": api_key,
+        "BARE_OUTPUT_DIR": str(output_dir),
+    }
+    args = [PYTHON, "-m", "bench.bare_http_server", str(port)]
+    return _start_http(args, env, port, workdir / f"bare-http-{port}.log", timeout)
+
+
+def _start_http(args: list[str], env: dict[str, str], port: int, log: Path, timeout: float) -> HttpServer:
     with open(log, "w") as errfile:
-        proc = REGISTRY.spawn(
-            args,
-            cwd=REPO_ROOT,
-            env={
-                **server_env(config, api_key, full=True),
-                **({"MCP_IMAGEGEN_LOG_LEVEL": log_level} if log_level else {}),
-            },
-            stdout=errfile,
-            stderr=subprocess.STDOUT,
-        )
+        proc = REGISTRY.spawn(args, cwd=REPO_ROOT, env=env, stdout=errfile, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc, timeout)
     except (TimeoutError, RuntimeError) as exc:
