@@ -37,6 +37,7 @@ from .harness import (
     REPO_ROOT,
     BenchContext,
     Budget,
+    CpuTimes,
     EndpointSpec,
     ImageKind,
     LineReader,
@@ -48,6 +49,7 @@ from .harness import (
     imagegen_stdio_args,
     median,
     p,
+    read_cpu,
     start_bare_http_server,
     start_http_server,
     stdio_server,
@@ -81,6 +83,36 @@ SCENARIOS = (
     Scenario("http", 8, "flat", None, full_only=True),
     Scenario("http", 64, "photo", None, full_only=True, rounds=1),  # ~20 s: 200 MB of base64 each way
 )
+
+
+@dataclass
+class CpuUse:
+    """CPU a server used during its timed batches of one scenario."""
+
+    calls: int = 0
+    process_s: float = 0.0
+    main_thread_s: float = 0.0
+
+    def add(self, before: CpuTimes | None, after: CpuTimes | None, calls: int) -> None:
+        if before is not None and after is not None:
+            self.calls += calls
+            self.process_s += after.process_s - before.process_s
+            self.main_thread_s += after.main_thread_s - before.main_thread_s
+
+    def per_call_ms(self) -> tuple[float, float] | None:
+        """(whole process, main thread) in ms per call."""
+        if not self.calls:
+            return None
+        return self.process_s * 1000 / self.calls, self.main_thread_s * 1000 / self.calls
+
+
+async def _timed_batch(
+    n: int, call: Callable[[], Coroutine[Any, Any, object]], pid: int, cpu: CpuUse
+) -> tuple[float, float, float]:
+    before = read_cpu(pid)
+    timing = await _batch(n, call)
+    cpu.add(before, read_cpu(pid), n)
+    return timing
 
 
 @dataclass
@@ -154,6 +186,8 @@ async def run(ctx: BenchContext) -> list[Metric]:
     ctx.log(f"concurrency: bare SDK HTTP server at {bare.url} (pid {bare.pid})")
     results: dict[str, tuple[list[float], list[float]]] = {}
     bare_times: dict[str, list[float]] = {}
+    cpu: dict[str, CpuUse] = {}  # our HTTP server, per scenario
+    bare_cpu: dict[str, CpuUse] = {}
     windows = Windows()
     probed = Windows()  # the extra batches run while the probe pings the server
     probe: Probe | None = None
@@ -179,14 +213,21 @@ async def run(ctx: BenchContext) -> list[Metric]:
         for _ in range(s.rounds or rounds):
             if budget.expired and mcp_times:
                 break
-            secs, a, b = await _batch(s.n, lambda: one_mcp(client, s))
+            if s.transport == "http":
+                secs, a, b = await _timed_batch(
+                    s.n, lambda: one_mcp(client, s), server.pid, cpu.setdefault(s.label, CpuUse())
+                )
+            else:
+                secs, a, b = await _batch(s.n, lambda: one_mcp(client, s))
             mcp_times.append(secs)
             windows.mcp.setdefault(s.label, []).append((a, b))
             secs, a, b = await _batch(s.n, lambda: one_direct(s))
             direct_times.append(secs)
             windows.direct.setdefault(s.label, []).append((a, b))
             if bare_client is not None:
-                secs, a, b = await _batch(s.n, lambda: one_mcp(bare_client, s))
+                secs, a, b = await _timed_batch(
+                    s.n, lambda: one_mcp(bare_client, s), bare.pid, bare_cpu.setdefault(s.label, CpuUse())
+                )
                 bare_times.setdefault(s.label, []).append(secs)
                 windows.bare.setdefault(s.label, []).append((a, b))
             ctx.clear_images()
@@ -257,6 +298,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
             )
         )
     metrics += _watchdog_metrics(scenarios, windows, server.log, bare.log)
+    metrics += _cpu_metrics(scenarios, cpu, bare_cpu)
     metrics += _loop_metrics(scenarios, samples, probed, probe_started, idle_until, probe_error)
     return metrics
 
@@ -322,6 +364,37 @@ def _watchdog_metrics(scenarios: list[Scenario], windows: Windows, log: Path, ba
                     "bare_sdk_stalls_over_10ms": bare_count if measured_bare else None,
                     "bare_sdk_max_ms": bare_worst if measured_bare else None,
                     "bare_sdk_max_stall_cpu_ms": bare_cpu if measured_bare else None,
+                },
+            )
+        )
+    return out
+
+
+def _cpu_metrics(scenarios: list[Scenario], cpu: dict[str, CpuUse], bare_cpu: dict[str, CpuUse]) -> list[Metric]:
+    """CPU per call of the HTTP server (and of its event loop) against the bare SDK server's."""
+    out: list[Metric] = []
+    for s in scenarios:
+        ours = cpu[s.label].per_call_ms() if s.label in cpu else None
+        if ours is None:
+            continue
+        floor = bare_cpu[s.label].per_call_ms() if s.label in bare_cpu else None
+        out.append(
+            Metric(
+                f"server CPU per call, {s.label}",
+                ours[0],
+                "ms",
+                baseline=floor[0] if floor else None,
+                baseline_label="bare SDK server, same batches",
+                notes=(
+                    f"user + system CPU of the server process over its timed batches, per call; of which "
+                    f"the main thread (the event loop) {ours[1]:.2f} ms"
+                    + (f"; bare SDK server {floor[0]:.2f} ms, of which main thread {floor[1]:.2f} ms" if floor else "")
+                ),
+                details={
+                    "process_ms": ours[0],
+                    "main_thread_ms": ours[1],
+                    "bare_sdk_process_ms": floor[0] if floor else None,
+                    "bare_sdk_main_thread_ms": floor[1] if floor else None,
                 },
             )
         )

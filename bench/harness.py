@@ -215,6 +215,26 @@ def read_rss(pid: int) -> Rss | None:
     return Rss(values["VmRSS"], values.get("VmHWM", values["VmRSS"]))
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    process_s: float  # user + system, every thread
+    main_thread_s: float  # user + system of the main thread: the event loop's, in the servers
+
+
+def read_cpu(pid: int) -> CpuTimes | None:
+    """CPU time used so far by `pid` and by its main thread, from /proc (None without /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(stat_path: str) -> float:
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
+
+    try:
+        return CpuTimes(used(f"/proc/{pid}/stat"), used(f"/proc/{pid}/task/{pid}/stat"))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def children_maxrss_mib() -> float:
     """Fallback without /proc: the largest peak RSS among waited-for children (ru_maxrss)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
