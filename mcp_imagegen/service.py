@@ -29,6 +29,7 @@ from .errors import (
     InputNotFoundError,
     InvalidRequestError,
 )
+from .heap import settle_heap
 from .limits import preview_bytes_for
 from .models import (
     CAPABILITIES,
@@ -42,7 +43,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
-from .work import in_worker, in_worker_unless_small, settle_heap, watch_event_loop
+from .work import in_worker, in_worker_unless_small, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 

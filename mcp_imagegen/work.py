@@ -7,7 +7,6 @@ anyway. Every CPU-heavy step goes through `in_worker`, which shares one process-
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -20,7 +19,6 @@ import anyio.to_thread
 T = TypeVar("T")
 
 _limiter: anyio.CapacityLimiter | None = None
-_settled = False
 
 
 def cpu_limiter() -> anyio.CapacityLimiter:
@@ -48,21 +46,6 @@ async def in_worker_unless_small(fn: Callable[[], T], input_bytes: int) -> T:
     if input_bytes <= SMALL_INPUT_BYTES:
         return fn()
     return await in_worker(fn)
-
-
-def settle_heap() -> None:
-    """Move everything alive now (modules, the SDK, schemas) out of the garbage collector's way.
-
-    A full collection scans every tracked object; with the SDK and pydantic loaded that is a
-    pause of 50-70 ms on the event loop every hundred calls or so. Called once, after the first
-    generation has loaded the lazy modules, so later collections scan only what calls create.
-    No collection first: that would be one such pause itself, and keeping start-up's little
-    cyclic garbage costs less. Once per process: what later calls leave behind stays collectable.
-    """
-    global _settled
-    if not _settled:
-        _settled = True
-        gc.freeze()
 
 
 async def watch_event_loop(tick_s: float = 0.005, report_over_s: float = 0.01) -> None:

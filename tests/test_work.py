@@ -80,22 +80,3 @@ async def test_watchdog_reports_a_blocked_loop_and_how_much_of_it_was_computing(
     assert ms >= 100 and cpu_ms >= 80
     ms, cpu_ms = await stall(busy=False)
     assert ms >= 100 and cpu_ms < 50
-
-
-def test_heap_is_settled_once_per_process() -> None:
-    import gc
-
-    from mcp_imagegen import work
-
-    saved = work._settled
-    try:
-        work._settled = False
-        gc.unfreeze()
-        work.settle_heap()
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        gc.unfreeze()
-        work.settle_heap()  # a second call changes nothing
-        assert gc.get_freeze_count() == 0
-    finally:
-        work._settled = saved
