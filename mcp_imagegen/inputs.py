@@ -10,7 +10,6 @@ named.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 import re
@@ -20,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import anyio.to_thread
 import httpx2
 
 from . import b64, images
 from .errors import ImageGenError, InputForbiddenError, InputNotFoundError, InvalidRequestError
 from .models import InputImage
 from .store import URI_PREFIX, ImageStore
+from .work import in_worker, on_disk
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -336,14 +335,14 @@ async def resolve_input(
 
     if low.startswith("imagegen://"):
         try:
-            record = await anyio.to_thread.run_sync(store.resolve_uri, s)
-            data, _ = await anyio.to_thread.run_sync(store.read_bytes, record.id)
+            record = await on_disk(lambda: store.resolve_uri(s))
+            data, _ = await on_disk(lambda: store.read_bytes(record.id))
         except ImageGenError as exc:
             raise type(exc)(f"{role}: {exc.message}") from None
         source, image_id = record.uri, record.id
     elif low.startswith("data:"):
         # Decoding tens of megabytes of base64 would stall the event loop: a worker thread does it.
-        data, _declared = await anyio.to_thread.run_sync(images.parse_data_url, s, f"{role} (data URL)")
+        data, _declared = await in_worker(lambda: images.parse_data_url(s, f"{role} (data URL)"))
         source = "data URL"
     elif low.startswith(("http://", "https://")):
         data, source = await _fetch(s, allow_private=allow_private_urls, http=http, label=role)
@@ -351,9 +350,9 @@ async def resolve_input(
         hint = "; give the file's path itself" if low.startswith("file:") else ""
         raise InvalidRequestError(f"{role}: only http and https URLs can be fetched, not {s.split(':', 1)[0]!r}{hint}")
     elif _exists(s) or (not _base64_image_prefix(s) and _looks_like_path(s)):
-        data, source = await anyio.to_thread.run_sync(_read_file, s, allowed_roots, role)
+        data, source = await on_disk(lambda: _read_file(s, allowed_roots, role))
     elif _base64_image_prefix(s):
-        data = await anyio.to_thread.run_sync(images.decode_base64, s, f"{role} (base64)")
+        data = await in_worker(lambda: images.decode_base64(s, f"{role} (base64)"))
         source = "base64 data"
     else:
         shown = s if len(s) <= 60 else s[:60] + "..."
@@ -363,5 +362,5 @@ async def resolve_input(
         )
 
     label = f"{role} ({source})"
-    mime, width, height = await anyio.to_thread.run_sync(functools.partial(images.sniff, data, label, verify=True))
+    mime, width, height = await in_worker(lambda: images.sniff(data, label, verify=True))
     return InputImage(data=data, mime_type=mime, width=width, height=height, source=source, image_id=image_id)

@@ -19,14 +19,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-import anyio.to_thread
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, Field
 
 from . import b64
 from .limits import MIN_PREVIEW_BYTES, PREVIEW_MAX_BYTES, PREVIEWS_TOTAL_BYTES, RESULT_CAP_BYTES
 from .models import GenerationResult, ImageRecord, ModelInfo, SavedImage
-from .work import in_worker
+from .work import in_worker, on_disk
 
 if TYPE_CHECKING:
     from .service import Job
@@ -267,7 +266,7 @@ async def _make_inline(
             out[i] = (ImageContent(type="image", data=_b64(early[0]), mime_type=early[1]), len(early[0]))
             return
         try:
-            data, _mime = await anyio.to_thread.run_sync(read_bytes, img.id)
+            data, _mime = await on_disk(lambda: read_bytes(img.id))
             if inline_full:
                 small, mime, w, h = await in_worker(lambda: imaging.downscale_to_fit(data, max_bytes))
                 if (w, h) != (img.width, img.height) or mime != img.mime_type:

@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import anyio
-import anyio.to_thread
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
@@ -36,6 +35,7 @@ from .config import Settings
 from .errors import ImageGenError, InputNotFoundError, InvalidRequestError
 from .models import ImageRecord, ImageRequest, given_knobs
 from .results import ImageToolResult, ModelList
+from .work import on_disk
 
 log = logging.getLogger("mcp_imagegen.server")
 
@@ -312,7 +312,7 @@ def _image_id(value: str) -> str:
 
 async def _record(service: Any, image_id: str) -> ImageRecord:
     try:
-        record = await anyio.to_thread.run_sync(service.store.get, image_id)
+        record = await on_disk(lambda: service.store.get(image_id))
     except (KeyError, FileNotFoundError):
         record = None
     if record is None:
@@ -364,7 +364,7 @@ class ImageGenServer(MCPServer):
         listed = await super().list_resources()
         try:
             service = self._holder.get()
-            records = await anyio.to_thread.run_sync(service.store.recent, RECENT_LIMIT)
+            records = await on_disk(lambda: service.store.recent(RECENT_LIMIT))
         except Exception:
             log.warning("could not list recent images", exc_info=True)
             return listed
@@ -393,7 +393,7 @@ class ImageGenServer(MCPServer):
                 image_id = _image_id(text)
                 service = self._holder.get()
                 record = await _record(service, image_id)
-                data, mime = await anyio.to_thread.run_sync(service.store.read_bytes, image_id)
+                data, mime = await on_disk(lambda: service.store.read_bytes(image_id))
             except ImageGenError as exc:
                 raise ResourceNotFoundError(exc.agent_text()) from None
             return [ReadResourceContents(content=data, mime_type=mime or record.mime_type)]
@@ -692,7 +692,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
     async def saved_image(image_id: str) -> bytes:
         svc = holder.get()
         await _record(svc, image_id)
-        data, _mime = await anyio.to_thread.run_sync(svc.store.read_bytes, image_id)
+        data, _mime = await on_disk(lambda: svc.store.read_bytes(image_id))
         return data
 
     @server.resource(
@@ -704,7 +704,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
     )
     async def recent_images() -> str:
         svc = holder.get()
-        records = await anyio.to_thread.run_sync(svc.store.recent, RECENT_LIMIT)
+        records = await on_disk(lambda: svc.store.recent(RECENT_LIMIT))
         import json
 
         return json.dumps({"images": [r.model_dump(mode="json", exclude={"parameters"}) for r in records]}, indent=1)

@@ -43,7 +43,7 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
-from .work import in_worker, in_worker_unless_small, watch_event_loop
+from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -439,13 +439,13 @@ class ImageService:
             return []
         from .dialects import Turn
 
-        records = await anyio.to_thread.run_sync(
+        records = await on_disk(
             lambda: self.store.lineage(request.images[0].image_id, ops.inputs.max_lineage_turns)  # type: ignore[union-attr,arg-type]
         )
         turns: list[Turn] = []
         # Oldest first: each image this server made answered the prompt that produced it.
         for record in reversed(records):
-            data, mime = await anyio.to_thread.run_sync(lambda r=record: self.store.read_bytes(r.id))
+            data, mime = await on_disk(lambda r=record: self.store.read_bytes(r.id))
             turns.append(Turn(role="user", text=record.prompt, images=[]))
             turns.append(Turn(role="model", text="Generated 1 image", images=[(data, mime)]))
         return turns[-2 * ops.inputs.max_lineage_turns :]
@@ -539,7 +539,7 @@ class ImageService:
         # encode (CPU) overlap the fsync'd write (disk).
         preview_made = self._as_is_preview(data, request.n) if self._make_previews else None
         if preview_made is not None or not self._make_previews:
-            record = await anyio.to_thread.run_sync(save)
+            record = await on_disk(save)
         else:
 
             async def make_preview() -> None:
@@ -548,7 +548,7 @@ class ImageService:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(make_preview)
-                record = await anyio.to_thread.run_sync(save)
+                record = await on_disk(save)
         if preview_made is not None:
             self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:

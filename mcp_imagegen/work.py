@@ -1,8 +1,9 @@
-"""Where CPU-bound work runs: worker threads, at most one per core.
+"""Where blocking work runs: worker threads, at most one per core for CPU, eight for files.
 
 Pillow, base64 and JSON on multi-megabyte bodies would stall the event loop if run on it, and
 anyio's default 40 threads would make 64 concurrent calls fight over two cores and starve it
 anyway. Every CPU-heavy step goes through `in_worker`, which shares one process-wide limit.
+Reading and writing files goes through `on_disk`, which has its own (see there).
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ def cpu_limiter() -> anyio.CapacityLimiter:
 async def in_worker(fn: Callable[[], T]) -> T:
     """Run `fn` in a worker thread under the process-wide CPU limit."""
     return await anyio.to_thread.run_sync(fn, limiter=cpu_limiter())
+
+
+DISK_THREADS = 8
+_disk_limiter: anyio.CapacityLimiter | None = None
+
+
+async def on_disk(fn: Callable[[], T]) -> T:
+    """Run blocking file work (open, write, fsync, rename, read) in a worker thread, at most
+    DISK_THREADS at once.
+
+    Each system call gives the GIL up and takes it back. With anyio's default 40 threads, 64
+    images saved at once (~15 calls each) kept the event loop waiting for the GIL: its longest
+    stall during 64 concurrent calls was 64-73 ms, against 33-43 ms with 8 threads. Eight still
+    let the filesystem commit several fsyncs together; four stalled no less and ran ~2% slower.
+    """
+    global _disk_limiter
+    if _disk_limiter is None:
+        _disk_limiter = anyio.CapacityLimiter(DISK_THREADS)
+    return await anyio.to_thread.run_sync(fn, limiter=_disk_limiter)
 
 
 SMALL_INPUT_BYTES = 64 * 1024

@@ -10,6 +10,8 @@ import base64
 import io
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from mcp_imagegen.errors import (
 )
 from mcp_imagegen.models import ImageRequest, InputImage
 from mcp_imagegen.service import ImageService
+from mcp_imagegen.work import DISK_THREADS
 from tests.conftest import SECRET_KEY, endpoint_for, make_settings
 from tests.emulators import Fault
 
@@ -407,7 +410,24 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
         ],
     )
     done: dict[str, float] = {}
+    saving = peak_saving = 0
+    lock = threading.Lock()
     async with ImageService(settings) as service:
+        save = service.store.save
+
+        def slow_save(*args: Any, **kwargs: Any) -> Any:
+            nonlocal saving, peak_saving
+            with lock:
+                saving += 1
+                peak_saving = max(peak_saving, saving)
+            time.sleep(0.02)  # an fsync on a slow disk: saves overlap
+            try:
+                return save(*args, **kwargs)
+            finally:
+                with lock:
+                    saving -= 1
+
+        service.store.save = slow_save  # type: ignore[method-assign]
         start = anyio.current_time()
 
         async def one(i: int, endpoint: str) -> None:
@@ -423,6 +443,8 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
                     tg.start_soon(one, i, "modelmax")
     assert len(done) == 100
     assert slow.max_in_flight <= 4
+    # Saves share the file threads: enough to overlap, too few to keep the event loop off the GIL.
+    assert 1 < peak_saving <= DISK_THREADS
     # The slow gateway's queue (20 calls, 4 at a time, 0.3 s each) does not hold up the fast one.
     fast_last = max(v for k, v in done.items() if k.startswith("modelmax"))
     slow_last = max(v for k, v in done.items() if k.startswith("openai"))

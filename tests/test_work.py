@@ -1,4 +1,4 @@
-"""The worker pool for CPU-bound steps, and the event-loop watchdog."""
+"""The worker threads for CPU-bound steps and for files, and the event-loop watchdog."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import time
 import anyio
 import pytest
 
-from mcp_imagegen.work import SMALL_INPUT_BYTES, cpu_limiter, in_worker, in_worker_unless_small, watch_event_loop
+from mcp_imagegen.work import (
+    DISK_THREADS,
+    SMALL_INPUT_BYTES,
+    cpu_limiter,
+    in_worker,
+    in_worker_unless_small,
+    on_disk,
+    watch_event_loop,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -46,6 +54,34 @@ async def test_cpu_work_runs_off_the_loop_at_most_one_thread_per_core() -> None:
             tg.start_soon(one)
     assert loop_thread not in threads
     assert peak == cpu_limiter().total_tokens == max(2, os.cpu_count() or 2)
+
+
+async def test_file_work_runs_off_the_loop_at_most_disk_threads_at_once() -> None:
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+    loop_thread = threading.get_ident()
+
+    def write() -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return threading.get_ident()
+
+    threads: list[int] = []
+
+    async def one() -> None:
+        threads.append(await on_disk(write))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3 * DISK_THREADS):
+            tg.start_soon(one)
+    assert loop_thread not in threads
+    assert peak == DISK_THREADS
 
 
 async def test_work_on_a_small_input_stays_on_the_loop_a_big_one_goes_to_a_worker() -> None:
