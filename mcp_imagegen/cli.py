@@ -140,9 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(settings: Any, args: argparse.Namespace, token: str | None) -> int:
     from . import transports
-    from .heap import use_one_malloc_arena
+    from .heap import configure_malloc
 
-    use_one_malloc_arena()  # before the transports start any thread
+    configure_malloc()  # before the transports start any thread
 
     if args.transport == "stdio":
         transports.run_stdio(settings)

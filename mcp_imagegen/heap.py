@@ -1,14 +1,21 @@
-"""The process's memory: start-up's objects kept out of the garbage collector's way, and one
-malloc arena shared by every thread.
+"""The process's memory: how malloc treats image-sized buffers, when freed memory goes back to the
+system, and start-up's objects kept out of the garbage collector's way.
 
 Every image passes through buffers of megabytes (the answer's base64, the decoded file, Pillow's
-pixels), made and freed on the event loop's thread and on worker threads. glibc gives each
-thread that allocates at the same time as another its own arena, and each arena keeps what its
-thread freed. With the default, the server settled at ~95 MiB after a step of ~8 MiB that came at
-a different call in each run, so RSS after 200 calls against after 20 read 1.01x to 1.11x. With
-one arena it holds ~80 MiB from the first call, and the peak for 8 concurrent photos fell from
-143 to 117 MiB (`python -m bench --only memory`). The price, ~7 ms per photo-sized image for
-pages given back and faulted in again, is small next to a gateway call.
+pixels), made and freed on the event loop's thread and on worker threads. By default glibc gives
+such a buffer its own mapping or trims it off a per-thread heap when freed, so the next image
+faults the same pages in again, and each thread's heap keeps what it freed. Measured with
+sequential photo calls over stdio (`python -m bench --only overhead,memory` and the same calls
+timed one by one):
+
+- glibc's defaults: ~49 ms of server CPU per photo; RSS settled at ~95 MiB after a step of
+  ~8 MiB that came at a different call in each run.
+- One arena for all threads, buffers up to 32 MiB from the heap, the heap's top trimmed beyond
+  64 MiB: ~38 ms per photo; RSS flat at ~91 MiB from the first call.
+
+Kept in the heap, freed memory stays with the process after a burst (180-190 MiB after 64
+concurrent photos), so once no job has run for IDLE_S it is handed back with `malloc_trim`
+(86 MiB).
 """
 
 from __future__ import annotations
@@ -16,28 +23,84 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from functools import cache
+from typing import Any
 
-_M_ARENA_MAX = -8  # glibc's malloc.h
+import anyio
+from anyio.abc import TaskGroup
+
+from .work import in_worker
+
+IDLE_S = 2.0
+_MIB = 1 << 20
+# mallopt parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 * _MIB), (_M_TRIM_THRESHOLD, 64 * _MIB))
+
 _settled = False
 
 
-def use_one_malloc_arena() -> bool:
-    """Make every thread allocate from glibc's main arena; call before any thread starts.
-
-    False, and nothing changed, where there is no glibc (macOS, Windows, musl) or where the
-    user chose for themselves with glibc's own MALLOC_ARENA_MAX.
-    """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    import ctypes  # ~3 ms, paid only by a serving process
+@cache
+def _glibc() -> Any | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # ~3 ms, paid only where memory is managed
 
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # musl, or no C library by that name
+        return None
+    return libc
+
+
+def configure_malloc() -> bool:
+    """Set glibc's malloc for image-sized buffers (see above); call before any thread starts.
+
+    False, and nothing changed, where there is no glibc (macOS, Windows, musl) or where the
+    user tuned malloc themselves through glibc's MALLOC_* variables.
+    """
+    if any(name.startswith("MALLOC_") for name in os.environ):
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt(_M_ARENA_MAX, 1) == 1
+    libc = _glibc()
+    if libc is None:
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system; nothing where there is no glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class IdleTrim:
+    """Calls `release_free_memory` once the server has run no job for `idle_s`."""
+
+    def __init__(self, idle_s: float = IDLE_S) -> None:
+        self.idle_s = idle_s
+        self._running = 0
+        self._generation = 0  # jobs started so far: a trim scheduled before a newer job is void
+
+    def job_started(self) -> None:
+        self._running += 1
+        self._generation += 1
+
+    def job_finished(self, tasks: TaskGroup) -> None:
+        self._running -= 1
+        if self._running == 0:
+            tasks.start_soon(self._trim_if_still_idle, self._generation, name="memory trim when idle")
+
+    async def _trim_if_still_idle(self, generation: int) -> None:
+        await anyio.sleep(self.idle_s)
+        if self._running == 0 and generation == self._generation:
+            await in_worker(release_free_memory)
 
 
 def settle_heap() -> None:

@@ -29,7 +29,7 @@ from .errors import (
     InputNotFoundError,
     InvalidRequestError,
 )
-from .heap import settle_heap
+from .heap import IdleTrim, settle_heap
 from .limits import preview_bytes_for
 from .models import (
     CAPABILITIES,
@@ -118,6 +118,7 @@ class ImageService:
         self._catalog = ModelCatalog(settings, None)
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}
+        self._idle_trim = IdleTrim()
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
@@ -196,6 +197,7 @@ class ImageService:
         job = Job(id=f"job_{secrets.token_urlsafe(12)}", request=request, progress=progress)
         self._remember(job)
         self._tasks.start_soon(self._run_job, job, name=f"imagegen {job.id}")
+        self._idle_trim.job_started()
         return job
 
     async def generate(self, request: ImageRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
@@ -250,6 +252,8 @@ class ImageService:
         job.request.mask = None
         job._done.set()
         settle_heap()  # once per process, after the first job has loaded the lazy modules
+        if self._tasks is not None:
+            self._idle_trim.job_finished(self._tasks)
 
     # --- one generation ------------------------------------------------------------------------
 

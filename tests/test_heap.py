@@ -1,4 +1,5 @@
-"""The process's memory: the garbage collector settled once, and one malloc arena for all threads."""
+"""The process's memory: malloc set for image-sized buffers, freed memory handed back when idle,
+and the garbage collector settled once."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ import platform
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mcp_imagegen import heap
 
 REPO = Path(__file__).resolve().parent.parent
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 def test_heap_is_settled_once_per_process() -> None:
@@ -31,13 +41,23 @@ def test_heap_is_settled_once_per_process() -> None:
         heap._settled = saved
 
 
-# Four threads allocate at once; then glibc's malloc_info says how many arenas the process has.
-ARENAS_SCRIPT = textwrap.dedent(
+# Run in a fresh interpreter: malloc's settings are per process and must come before any thread.
+PROBE = textwrap.dedent(
     """
     import ctypes, sys, tempfile, threading
-    from mcp_imagegen.heap import use_one_malloc_arena
+    from mcp_imagegen import heap
 
-    changed = use_one_malloc_arena() if sys.argv[1] == "one" else False
+    configured = heap.configure_malloc() if sys.argv[1] == "configured" else False
+
+    def anonymous_mappings():
+        with open("/proc/self/maps") as maps:
+            return sum(1 for line in maps if len(line.split()) == 5)
+
+    def rss_mib():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+
+    # 1. Four threads allocating at once; malloc_info lists one <heap> per arena.
     start = threading.Barrier(4)
 
     def allocate():
@@ -60,31 +80,78 @@ ARENAS_SCRIPT = textwrap.dedent(
         stream = libc.fopen(out.name.encode(), b"w")
         libc.malloc_info(0, stream)
         libc.fclose(stream)
-        print(changed, open(out.name).read().count("<heap nr="))
+        arenas = open(out.name).read().count("<heap nr=")
+
+    # 2. An image-sized buffer: its own mapping, or from the heap.
+    before = anonymous_mappings()
+    buffer = bytearray(8 << 20)
+    own_mapping = anonymous_mappings() > before
+    del buffer
+
+    # 3. 48 MiB freed below live blocks (so not trimmed off the top), then handed back.
+    blocks = [bytearray(1 << 20) for _ in range(48)]
+    pins = [bytearray(1 << 20) for _ in range(4)]
+    del blocks
+    kept = rss_mib()
+    if sys.argv[2] == "release":
+        heap.release_free_memory()
+    print(configured, arenas, own_mapping, kept - rss_mib())
     """
 )
 
 
-def _arenas(mode: str) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    env["PYTHONPATH"] = str(REPO)
+def _probe(mode: str, release: str = "release", **env: str) -> tuple[str, int, str, int]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     done = subprocess.run(
-        [sys.executable, "-c", ARENAS_SCRIPT, mode], env=env, capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", PROBE, mode, release],
+        env={**clean, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
-    changed, count = done.stdout.split()
-    return changed, int(count)
+    configured, arenas, own_mapping, released_mib = done.stdout.split()
+    return configured, int(arenas), own_mapping, int(released_mib)
 
 
-def _has_glibc() -> bool:
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_malloc_is_set_for_image_sized_buffers() -> None:
+    # glibc by itself: an arena per thread, and an 8 MiB buffer gets its own mapping.
+    _, arenas, own_mapping, _ = _probe("default")
+    assert arenas > 1 and own_mapping == "True"
+    configured, arenas, own_mapping, _ = _probe("configured")
+    assert (configured, arenas, own_mapping) == ("True", 1, "False")
 
 
-@pytest.mark.skipif(not _has_glibc(), reason="glibc's arenas only")
-def test_every_thread_allocates_from_one_arena() -> None:
-    assert _arenas("default")[1] > 1  # what glibc does by itself: an arena per thread
-    assert _arenas("one") == ("True", 1)
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_memory_freed_inside_the_heap_goes_back_only_when_released() -> None:
+    assert _probe("configured", "keep")[3] < 8
+    assert _probe("configured", "release")[3] >= 40  # of the 48 MiB freed
 
 
-def test_a_users_own_malloc_arena_max_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert heap.use_one_malloc_arena() is False
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_a_users_own_malloc_settings_are_left_alone() -> None:
+    configured, arenas, own_mapping, _ = _probe("configured", MALLOC_ARENA_MAX="4")
+    assert configured == "False" and own_mapping == "True"
+
+
+async def test_freed_memory_is_handed_back_once_when_no_job_ran_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trims: list[float] = []
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(time.monotonic()))  # a worker thread
+    idle = heap.IdleTrim(idle_s=0.2)
+    async with anyio.create_task_group() as tg:
+        idle.job_started()
+        idle.job_started()
+        idle.job_finished(tg)  # one still running: no trim
+        await anyio.sleep(0.3)
+        assert trims == []
+        idle.job_finished(tg)  # idle from here...
+        await anyio.sleep(0.05)
+        idle.job_started()  # ...until a job comes within the window: that trim is void
+        idle.job_finished(tg)
+        last_finished = time.monotonic()
+        await anyio.sleep(0.4)
+    assert len(trims) == 1
+    assert trims[0] - last_finished >= 0.19
