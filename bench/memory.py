@@ -9,7 +9,8 @@
   pixels when decoded, which is what the server's preview work pays for.
 - Leak check: VmRSS after 200 sequential calls vs after 20 (photo-like 1024x1024).
 
-Baseline: the same server's VmRSS once it answered one small call (warm, idle).
+Baseline: the same server's VmRSS once it answered one small call (warm, idle). The notes add
+VmRSS 3 s after each burst, once the server has handed freed memory back (mcp_imagegen/heap.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ BIG_SIZE = "4096x4096"
 PEAK_1024_MIB = 170.0
 PEAK_4096_MIB = 600.0
 LEAK_RATIO = 1.10
+SETTLE_S = 3.0  # the server hands freed memory back after 2 s without a job
 
 
 def _rss(server: StdioServer) -> Rss:
@@ -53,8 +55,8 @@ def _rss(server: StdioServer) -> Rss:
 
 async def _peak(
     ctx: BenchContext, config_name: str, endpoints: list[EndpointSpec], endpoint: str, size: str, concurrent: int
-) -> tuple[Rss, Rss, float]:
-    """(warm idle, after the concurrent calls, seconds) for a fresh server."""
+) -> tuple[Rss, Rss, float, Rss]:
+    """(warm idle, after the concurrent calls, seconds, SETTLE_S later) for a fresh server."""
     config = ctx.config(config_name, endpoints)
     with ctx.errlog(config_name) as errlog:
         async with stdio_server(imagegen_stdio_args(), ctx.stdio_env(config), errlog) as server:
@@ -71,8 +73,10 @@ async def _peak(
                         tg.start_soon(one)
             elapsed = time.perf_counter() - t0
             after = _rss(server)
+            await anyio.sleep(SETTLE_S)
+            settled = _rss(server)
     ctx.clear_images()
-    return idle, after, elapsed
+    return idle, after, elapsed, settled
 
 
 async def run(ctx: BenchContext) -> list[Metric]:
@@ -81,7 +85,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
 
     # 1. 8 concurrent photo-like 1024x1024 results.
     photo = ctx.emulators.get("photo", LATENCY_S)
-    idle, after, secs = await _peak(
+    idle, after, secs, settled = await _peak(
         ctx, "memory-photo", [EndpointSpec("photo", photo.base_url)], "photo", "1024x1024", concurrent
     )
     ctx.log(f"memory 8x photo 1024: idle {idle.rss_mib:.0f} MiB, peak {after.hwm_mib:.0f} MiB ({secs:.1f}s)")
@@ -93,15 +97,21 @@ async def run(ctx: BenchContext) -> list[Metric]:
             baseline=idle.rss_mib,
             baseline_label="warm idle RSS",
             target=Target("value", PEAK_1024_MIB),
-            notes=f"VmHWM of a fresh stdio server; batch took {secs:.1f}s; RSS after: {after.rss_mib:.0f} MiB",
-            details={"idle_rss_mib": idle.rss_mib, "hwm_mib": after.hwm_mib, "rss_after_mib": after.rss_mib},
+            notes=f"VmHWM of a fresh stdio server; batch took {secs:.1f}s; RSS after: {after.rss_mib:.0f} MiB, "
+            f"{SETTLE_S:g} s later: {settled.rss_mib:.0f} MiB",
+            details={
+                "idle_rss_mib": idle.rss_mib,
+                "hwm_mib": after.hwm_mib,
+                "rss_after_mib": after.rss_mib,
+                "rss_settled_mib": settled.rss_mib,
+            },
         )
     )
 
     # 2. 8 concurrent 4096x4096 results (flat) through an openai-compatible endpoint.
     big = ctx.emulators.get("flat", LATENCY_S, big=True)
     endpoints = [EndpointSpec("big", big.base_url, provider="openai-compatible", models=("gpt-image-1",))]
-    idle, after, secs = await _peak(ctx, "memory-big", endpoints, "big", BIG_SIZE, concurrent)
+    idle, after, secs, settled = await _peak(ctx, "memory-big", endpoints, "big", BIG_SIZE, concurrent)
     ctx.log(f"memory 8x flat 4096: idle {idle.rss_mib:.0f} MiB, peak {after.hwm_mib:.0f} MiB ({secs:.1f}s)")
     metrics.append(
         Metric(
@@ -112,8 +122,13 @@ async def run(ctx: BenchContext) -> list[Metric]:
             baseline_label="warm idle RSS",
             target=Target("value", PEAK_4096_MIB),
             notes=f"openai-compatible endpoint -> bench/big_emulator.py; batch took {secs:.1f}s; "
-            f"RSS after: {after.rss_mib:.0f} MiB",
-            details={"idle_rss_mib": idle.rss_mib, "hwm_mib": after.hwm_mib, "rss_after_mib": after.rss_mib},
+            f"RSS after: {after.rss_mib:.0f} MiB, {SETTLE_S:g} s later: {settled.rss_mib:.0f} MiB",
+            details={
+                "idle_rss_mib": idle.rss_mib,
+                "hwm_mib": after.hwm_mib,
+                "rss_after_mib": after.rss_mib,
+                "rss_settled_mib": settled.rss_mib,
+            },
         )
     )
 
