@@ -79,6 +79,15 @@ async def _peak(
     return idle, after, elapsed, settled
 
 
+def _burst_details(idle: Rss, after: Rss, settled: Rss) -> dict[str, float]:
+    return {
+        "idle_rss_mib": idle.rss_mib,
+        "hwm_mib": after.hwm_mib,
+        "rss_after_mib": after.rss_mib,
+        "rss_settled_mib": settled.rss_mib,
+    }
+
+
 async def run(ctx: BenchContext) -> list[Metric]:
     metrics: list[Metric] = []
     concurrent = 8
@@ -99,12 +108,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
             target=Target("value", PEAK_1024_MIB),
             notes=f"VmHWM of a fresh stdio server; batch took {secs:.1f}s; RSS after: {after.rss_mib:.0f} MiB, "
             f"{SETTLE_S:g} s later: {settled.rss_mib:.0f} MiB",
-            details={
-                "idle_rss_mib": idle.rss_mib,
-                "hwm_mib": after.hwm_mib,
-                "rss_after_mib": after.rss_mib,
-                "rss_settled_mib": settled.rss_mib,
-            },
+            details=_burst_details(idle, after, settled),
         )
     )
 
@@ -123,12 +127,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
             target=Target("value", PEAK_4096_MIB),
             notes=f"openai-compatible endpoint -> bench/big_emulator.py; batch took {secs:.1f}s; "
             f"RSS after: {after.rss_mib:.0f} MiB, {SETTLE_S:g} s later: {settled.rss_mib:.0f} MiB",
-            details={
-                "idle_rss_mib": idle.rss_mib,
-                "hwm_mib": after.hwm_mib,
-                "rss_after_mib": after.rss_mib,
-                "rss_settled_mib": settled.rss_mib,
-            },
+            details=_burst_details(idle, after, settled),
         )
     )
 

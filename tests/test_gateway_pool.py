@@ -23,6 +23,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+ANSWER_BODY = b'{"ok": true}'
+ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+    b"Content-Length: " + str(len(ANSWER_BODY)).encode() + b"\r\n\r\n" + ANSWER_BODY
+)
+
+
+def read_request(conn: socket.socket, pending: bytes = b"") -> bytes | None:
+    """Read one bodiless request's head; what follows it, or None when the client closed."""
+    while b"\r\n\r\n" not in pending:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        pending += chunk
+    return pending.split(b"\r\n\r\n", 1)[1]
+
+
 class ClosingServer:
     """HTTP/1.1 on 127.0.0.1 that answers one request per connection with keep-alive headers,
     then closes the connection while the client holds it idle, as a gateway's keep-alive
@@ -44,17 +61,8 @@ class ClosingServer:
                 return
             self.connections += 1
             with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    request += chunk
-                body = b'{"ok": true}'
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-                )
+                if read_request(conn) is not None:
+                    conn.sendall(ANSWER)
                 time.sleep(0.05)  # the client now holds the connection idle in its pool
             self.closed.set()
 
@@ -121,22 +129,13 @@ class HoldingServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            pending = b""
-            while True:
-                while b"\r\n\r\n" not in pending:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    pending += chunk
-                _, pending = pending.split(b"\r\n\r\n", 1)  # GETs only: no body follows
+            rest = read_request(conn)
+            while rest is not None:
                 with self._lock:
                     self.arrived += 1
                 self.release.wait(10)
-                body = b'{"ok": true}'
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-                )
+                conn.sendall(ANSWER)
+                rest = read_request(conn, rest)
 
     def close(self) -> None:
         self.release.set()

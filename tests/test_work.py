@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -28,13 +29,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def test_cpu_work_runs_off_the_loop_at_most_one_thread_per_core() -> None:
+async def _run_many(run: Callable[[Callable[[], int]], Awaitable[int]], jobs: int) -> tuple[int, set[int]]:
+    """Run `jobs` blocking jobs of 20 ms through `run` at once: (most at the same time, their threads)."""
     running = 0
     peak = 0
     lock = threading.Lock()
-    loop_thread = threading.get_ident()
 
-    def work() -> int:
+    def job() -> int:
         nonlocal running, peak
         with lock:
             running += 1
@@ -44,43 +45,26 @@ async def test_cpu_work_runs_off_the_loop_at_most_one_thread_per_core() -> None:
             running -= 1
         return threading.get_ident()
 
+    threads: set[int] = set()
+
+    async def one() -> None:
+        threads.add(await run(job))
+
     async with anyio.create_task_group() as tg:
-        threads: list[int] = []
-
-        async def one() -> None:
-            threads.append(await in_worker(work))
-
-        for _ in range(16):
+        for _ in range(jobs):
             tg.start_soon(one)
-    assert loop_thread not in threads
+    return peak, threads
+
+
+async def test_cpu_work_runs_off_the_loop_at_most_one_thread_per_core() -> None:
+    peak, threads = await _run_many(in_worker, 16)
+    assert threading.get_ident() not in threads
     assert peak == cpu_limiter().total_tokens == max(2, os.cpu_count() or 2)
 
 
 async def test_file_work_runs_off_the_loop_at_most_disk_threads_at_once() -> None:
-    running = 0
-    peak = 0
-    lock = threading.Lock()
-    loop_thread = threading.get_ident()
-
-    def write() -> int:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.02)
-        with lock:
-            running -= 1
-        return threading.get_ident()
-
-    threads: list[int] = []
-
-    async def one() -> None:
-        threads.append(await on_disk(write))
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(3 * DISK_THREADS):
-            tg.start_soon(one)
-    assert loop_thread not in threads
+    peak, threads = await _run_many(on_disk, 3 * DISK_THREADS)
+    assert threading.get_ident() not in threads
     assert peak == DISK_THREADS
 
 
