@@ -510,6 +510,9 @@ def server_env(config: Path, api_key: str, full: bool = False) -> dict[str, str]
     """The server's environment: the whole (cleaned) environment when `full`, else only what the
     SDK's stdio client adds to its safe defaults."""
     extra = {"MCP_IMAGEGEN_CONFIG": str(config), KEY_ENV: api_key}
+    # glibc's own malloc variables reach every server: with any set, the server leaves malloc as
+    # given, so `MALLOC_ARENA_MAX=16 python -m bench` measures glibc's defaults.
+    extra.update({k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
     return {**_clean_env(), **extra} if full else extra
 
 

@@ -7,7 +7,9 @@
   endpoint (no size list) to `bench/big_emulator.py`. Flat images: a photo-like 4096 PNG would be
   ~48 MB of noise, which no gateway returns; a flat one is small on the wire but still 48 MiB of
   pixels when decoded, which is what the server's preview work pays for.
-- Leak check: VmRSS after 200 sequential calls vs after 20 (photo-like 1024x1024).
+- Leak check: VmRSS after 200 sequential calls vs after 20 (photo-like 1024x1024). Its notes add
+  the server's CPU per call (user + system, /proc) over the calls after the 20th: what glibc's
+  handling of image-sized buffers costs shows there (mcp_imagegen/heap.py).
 
 Baseline: the same server's VmRSS once it answered one small call (warm, idle). The notes add
 VmRSS 3 s after each burst, once the server has handed freed memory back (mcp_imagegen/heap.py).
@@ -22,6 +24,7 @@ import anyio
 from .harness import (
     BenchContext,
     Budget,
+    CpuTimes,
     EndpointSpec,
     Metric,
     Rss,
@@ -30,6 +33,7 @@ from .harness import (
     call_generate,
     children_maxrss_mib,
     imagegen_stdio_args,
+    read_cpu,
     read_rss,
     stdio_server,
 )
@@ -138,6 +142,7 @@ async def run(ctx: BenchContext) -> list[Metric]:
     config = ctx.config("memory-leak", [EndpointSpec("photo", fast.base_url)])
     curve: list[tuple[int, float]] = []
     early_rss: float | None = None
+    cpu_from: CpuTimes | None = None
     done = 0
     with ctx.errlog("memory-leak") as errlog:
         async with stdio_server(imagegen_stdio_args(), ctx.stdio_env(config), errlog) as server:
@@ -151,7 +156,12 @@ async def run(ctx: BenchContext) -> list[Metric]:
                     ctx.clear_images()
                 if i == early:
                     early_rss = _rss(server).rss_mib
+                    cpu_from = read_cpu(server.pid) if server.pid else None
             late = _rss(server)
+            cpu_to = read_cpu(server.pid) if server.pid else None
+    cpu_ms = None
+    if cpu_from and cpu_to and done > early:
+        cpu_ms = (cpu_to.process_s - cpu_from.process_s) * 1000 / (done - early)
     ctx.clear_images()
     ctx.log(f"memory leak check: {early_rss} MiB after {early}, {late.rss_mib:.0f} MiB after {done}")
     complete = done == total
@@ -164,8 +174,9 @@ async def run(ctx: BenchContext) -> list[Metric]:
             baseline_label=f"RSS after {early} calls",
             target=Target("ratio", LEAK_RATIO),
             notes="sequential photo 1024x1024, emulator latency 0"
+            + ("" if cpu_ms is None else f"; server CPU per call after the {early}th: {cpu_ms:.1f} ms")
             + ("" if complete else f"; stopped at {done} of {total} calls by the time budget"),
-            details={"curve_mib": curve, "calls": done, "peak_hwm_mib": late.hwm_mib},
+            details={"curve_mib": curve, "calls": done, "peak_hwm_mib": late.hwm_mib, "server_cpu_ms_per_call": cpu_ms},
         )
     )
     return metrics

@@ -4,18 +4,19 @@ system, and start-up's objects kept out of the garbage collector's way.
 Every image passes through buffers of megabytes (the answer's base64, the decoded file, Pillow's
 pixels), made and freed on the event loop's thread and on worker threads. By default glibc gives
 such a buffer its own mapping or trims it off a per-thread heap when freed, so the next image
-faults the same pages in again, and each thread's heap keeps what it freed. Measured with
-sequential photo calls over stdio (`python -m bench --only overhead,memory` and the same calls
-timed one by one):
+faults the same pages in again, and each thread's heap keeps what it freed.
 
-- glibc's defaults: ~49 ms of server CPU per photo; RSS settled at ~95 MiB after a step of
-  ~8 MiB that came at a different call in each run.
+`python -m bench --only memory`, against `MALLOC_ARENA_MAX=16 python -m bench --only memory`
+(any MALLOC_* variable leaves glibc's defaults in place), two runs each:
+
+- glibc's defaults: 45.5 ms of server CPU per sequential photo call; peak for 8 concurrent
+  photos 134-143 MiB.
 - One arena for all threads, buffers up to 32 MiB from the heap, the heap's top trimmed beyond
-  64 MiB: ~38 ms per photo; RSS flat at ~91 MiB from the first call.
+  64 MiB: 37.8-38.6 ms per call; peak 113-115 MiB; RSS after 200 calls 1.01x of after 20.
 
-Kept in the heap, freed memory stays with the process after a burst (180-190 MiB after 64
-concurrent photos), so once no job has run for IDLE_S it is handed back with `malloc_trim`
-(86 MiB).
+Kept in the heap, freed memory would stay with the process after a burst, so once no job has run
+for IDLE_S it is handed back with `malloc_trim`: 3 s after the 8 photos, 77 MiB (glibc's
+defaults: 84-89 MiB).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import anyio
 import pytest
 from PIL import Image
 
+from mcp_imagegen import heap
 from mcp_imagegen.errors import (
     AuthenticationError,
     GatewayError,
@@ -479,3 +480,22 @@ async def test_finished_jobs_let_go_of_their_input_images(tmp_path: Path) -> Non
         assert result is not None and len(result.images) == 1
         assert service.job(job.id) is job  # still there for get_image
         assert job.request.images == [] and job.request.mask is None
+
+
+async def test_freed_memory_is_handed_back_once_the_service_is_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[float] = []
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(time.monotonic()))  # a worker thread
+    settings = make_settings(tmp_path, [{"name": "offline", "provider": "offline"}])
+    async with ImageService(settings) as service:
+        service._idle_trim.idle_s = 0.2
+        first = service.submit(ImageRequest(operation="generate", prompt="a red fox", size="64x64"))
+        second = service.submit(ImageRequest(operation="generate", prompt="a blue fox", size="64x64"))
+        assert await first.wait(30) is not None and await second.wait(30) is not None
+        done_at = time.monotonic()
+        await anyio.sleep(0.1)
+        assert trims == []  # not idle for long enough yet
+        await anyio.sleep(0.3)
+    assert len(trims) == 1
+    assert trims[0] - done_at >= 0.19
