@@ -337,6 +337,7 @@ class GatewayClient:
         json: Any = None,
         data: Mapping[str, str] | None = None,
         files: Any = None,
+        on_send: Callable[[], None] | None = None,
     ) -> T:
         timeout_s = endpoint.timeout_s
         budget_s = 2 * timeout_s
@@ -352,6 +353,8 @@ class GatewayClient:
                 elapsed = time.monotonic() - started
                 try:
                     async with limiter:
+                        if on_send is not None:  # the request leaves now: the caller stops cancelling it
+                            on_send()
                         answer = await self._attempt(
                             method,
                             url,
@@ -424,8 +427,13 @@ class GatewayClient:
         wire: dialects.WireRequest,
         *,
         on_retry: Callable[[str], None] | None = None,
+        on_send: Callable[[], None] | None = None,
     ) -> WireResult:
-        """Send one encoded request and decode the answer (retrying per the policy above)."""
+        """Send one encoded request and decode the answer (retrying per the policy above).
+
+        `on_send` is called each time an attempt is about to go out (after any wait for a free
+        slot), so a caller can tell requests not yet sent (free to drop) from sent ones (paid for).
+        """
         url = self._url(endpoint, manifest, wire.url_path, wire.relative_to)
         headers = {"Accept": "application/json", **wire.headers, **self._auth_headers(endpoint, manifest)}
         key_env = self._key_env(endpoint, manifest)
@@ -448,6 +456,7 @@ class GatewayClient:
             json=wire.json,
             data=wire.data,
             files=wire.files,
+            on_send=on_send,
         )
 
     async def get_json(

@@ -1,9 +1,14 @@
 """The engine: one generate or edit, from canonical request to saved images.
 
-Every generation runs as a `Job` in the service's own task group, not in the caller's task, so it
-survives a caller that times out or disconnects: an image that was paid for is always saved. A
-caller that cancels explicitly cancels the gateway requests not yet answered; answers already
-received are decoded and saved under a shield.
+Every generation runs as a `Job` (jobs.py) in the service's own task group, not in the caller's
+task, so it survives a caller that times out or disconnects: an image that was paid for is always
+saved. An explicit cancel drops only the gateway requests not yet sent; a request already sent is
+awaited (bounded by its own timeout) and its images are saved under a shield. Before anything is
+sent, the output folder must be writable and have room (`ImageStore.check_room`).
+
+Shutting down (`drain`): no new jobs, requests not yet sent are dropped, sent ones are awaited and
+saved, and what was kept is logged. A job still running when the process dies is found by its
+record ("interrupted") after a restart.
 """
 
 from __future__ import annotations
@@ -12,10 +17,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -25,11 +29,13 @@ from .catalog import ModelCatalog, Route
 from .config import Settings
 from .errors import (
     BadGatewayResponseError,
+    ConfigError,
     ImageGenError,
     InputNotFoundError,
     InvalidRequestError,
 )
 from .heap import IdleTrim, settle_heap
+from .jobs import Job, JobRecord, ProgressFn, Stopped
 from .limits import preview_bytes_for
 from .models import (
     CAPABILITIES,
@@ -47,61 +53,29 @@ from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
 
-ProgressFn = Callable[[float, float | None, str], Awaitable[None]]
-JobStatus = Literal["running", "done", "failed", "cancelled"]
-
 MAX_RESULT_IMAGE_BYTES = 128 * 1024 * 1024  # one downloaded image; anything larger is not an image
 KEEP_FINISHED_JOBS = 128
 KEEP_PREVIEWS = 64  # previews not yet taken by a result (tens of KB each)
 SHUTDOWN_GRACE_S = 30.0
+UNKNOWN_IMAGE_BYTES = 16 * 1024 * 1024  # room to want per image when its size is not known yet
 
 
-@dataclass(eq=False)
-class Job:
-    """One generation in flight or finished; the handle a slow tool call hands back."""
+@dataclass
+class DrainReport:
+    """What a shutdown kept: for the log, and for tests."""
 
-    id: str
-    request: ImageRequest
-    status: JobStatus = "running"
-    saved: list[SavedImage] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    result: GenerationResult | None = None
-    error: ImageGenError | None = None
-    progress: ProgressFn | None = None
-    route: Route | None = None
-    usage: dict[str, Any] | None = None
-    cost: float | None = None
-    balance: float | None = None
-    started: float = field(default_factory=time.monotonic)
-    _done: anyio.Event = field(default_factory=anyio.Event)
-    _scope: anyio.CancelScope | None = None
+    jobs: int = 0
+    images_saved: int = 0
+    not_sent: int = 0
+    interrupted: list[str] = field(default_factory=list)
 
-    async def wait(self, timeout: float | None) -> GenerationResult | None:
-        """The result, or None when the job has not finished within `timeout` seconds."""
-        with anyio.move_on_after(timeout):
-            await self._done.wait()
-        if not self._done.is_set():
-            return None
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def detach_progress(self) -> None:
-        self.progress = None
-
-    def cancel(self) -> None:
-        if self._scope is not None and self.status == "running":
-            self._scope.cancel()
-
-    async def _report(self, done: float, total: float | None, message: str) -> None:
-        progress = self.progress
-        if progress is None:
-            return
-        try:
-            await progress(done, total, message)
-        except Exception:  # a caller that went away must not break the job
-            log.debug("progress report failed; detaching", exc_info=True)
-            self.progress = None
+    def describe(self) -> str:
+        text = f"{self.jobs} job(s) in flight at shutdown: {self.images_saved} image(s) saved"
+        if self.not_sent:
+            text += f", {self.not_sent} image(s) not requested (never sent, not paid)"
+        if self.interrupted:
+            text += f"; {len(self.interrupted)} job(s) still waiting on the gateway were abandoned: {', '.join(self.interrupted)}"
+        return text
 
 
 class ImageService:
@@ -119,9 +93,13 @@ class ImageService:
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}
         self._idle_trim = IdleTrim()
+        self._draining = False
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
+        # Hold the store and put right what a crash left, before the first job can write.
+        await on_disk(self.store.open_live)
+        self._stack.callback(self.store.close_live)
         if logging.getLogger("mcp_imagegen.loop").isEnabledFor(logging.DEBUG):
             self._tasks.start_soon(watch_event_loop, name="event-loop watchdog")
         return self
@@ -129,13 +107,69 @@ class ImageService:
     async def __aexit__(self, *exc_info: object) -> None:
         # Running jobs get a grace period to finish and save what they were paid for; the
         # caller's own exception, if any, propagates unchanged (not wrapped by the task group).
-        with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE_S):
-            for job in list(self._jobs.values()):
-                await job._done.wait()
+        await self.drain(SHUTDOWN_GRACE_S)
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
         self._tasks = None
         await self._stack.aclose()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def running_jobs(self) -> list[Job]:
+        return [job for job in self._jobs.values() if job.status == "running"]
+
+    async def drain(self, grace_s: float | None) -> DrainReport:
+        """Stop taking jobs, drop requests not yet sent, await sent ones (at most `grace_s`, or
+        until each ends by its own timeout when None), save, and say what was kept."""
+        first = not self._draining
+        self._draining = True
+        running = self.running_jobs()
+        report = DrainReport(jobs=len(running))
+        if not running:
+            return report
+        saved_before = sum(len(job.saved) for job in running)
+        for job in running:
+            job.stop_unsent("shutdown")
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace_s):
+            for job in running:
+                await job._done.wait()
+        report.images_saved = sum(len(job.saved) for job in running)
+        report.not_sent = sum(job.not_sent for job in running)
+        for job in running:
+            if job.status == "running":
+                report.interrupted.append(job.id)
+                self._persist_now(job, status="interrupted")
+        if first or report.jobs:
+            log.warning("shutdown: %s (%d saved before the shutdown began)", report.describe(), saved_before)
+        return report
+
+    def abandon(self) -> list[str]:
+        """Exit at once (a second signal): record every running job as interrupted, synchronously."""
+        ids = []
+        for job in self.running_jobs():
+            self._persist_now(job, status="interrupted")
+            ids.append(job.id)
+        return ids
+
+    def _persist_now(self, job: Job, *, status: str) -> None:
+        record = job.to_record().model_copy(update={"status": status})
+        if status == "interrupted":
+            record.error = (
+                f"the server stopped while this job waited on the gateway; {len(job.saved)} image(s) "
+                "received before that were saved"
+            )
+        try:
+            self.store.jobs.write(record)
+        except OSError:
+            log.warning("could not record job %s as %s", job.id, status, exc_info=True)
+
+    async def _persist(self, job: Job) -> None:
+        try:
+            await on_disk(lambda record=job.to_record(): self.store.jobs.write(record))
+        except OSError as exc:  # a job record is a convenience; the image records are the truth
+            log.debug("could not write the record of job %s: %s", job.id, exc)
 
     async def _gateway_client(self) -> Any:
         if self._gateway is None:
@@ -194,14 +228,20 @@ class ImageService:
     def submit(self, request: ImageRequest, *, progress: ProgressFn | None = None) -> Job:
         if self._tasks is None:
             raise RuntimeError("ImageService must be entered (async with) before submitting work")
-        job = Job(id=f"job_{secrets.token_urlsafe(12)}", request=request, progress=progress)
+        if self._draining:
+            raise ImageGenError(
+                "the server is shutting down and takes no new calls; nothing was sent to the gateway. "
+                "Call again once the server has restarted."
+            )
+        job = Job(id=Job.new_id(), request=request, progress=progress)
         self._remember(job)
         self._tasks.start_soon(self._run_job, job, name=f"imagegen {job.id}")
         self._idle_trim.job_started()
         return job
 
     async def generate(self, request: ImageRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
-        """Submit and wait; cancelling the caller cancels the job (images received are kept)."""
+        """Submit and wait; cancelling the caller (the person's Ctrl-C) drops requests not yet
+        sent, and the service's exit awaits the sent ones."""
         job = self.submit(request, progress=progress)
         try:
             result = await job.wait(None)
@@ -212,12 +252,74 @@ class ImageService:
         return result
 
     def job(self, job_id: str) -> Job:
+        """A job of this process (running or recently finished)."""
         job = self._jobs.get(job_id)
         if job is None:
-            raise InputNotFoundError(
-                f"no job with id {job_id!r} (jobs are kept while this server runs); "
-                "finished images stay readable as imagegen:// resources"
+            raise self._no_job(job_id)
+        return job
+
+    async def find_job(self, job_id: str) -> Job:
+        """A job of this process, or one from its record on disk (another process, or before a
+        restart): finished, or known to be interrupted, or still running elsewhere."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job
+        record = await on_disk(lambda: self.store.jobs.read(job_id))
+        if record is None:
+            raise self._no_job(job_id)
+        return await on_disk(lambda: self._job_from_record(record))
+
+    @staticmethod
+    def _no_job(job_id: str) -> InputNotFoundError:
+        return InputNotFoundError(
+            f"no job with id {job_id!r}; job ids come from results with status 'running'. "
+            "Saved images stay readable as imagegen:// resources (resources/list)"
+        )
+
+    def _job_from_record(self, record: JobRecord) -> Job:
+        """A finished Job rebuilt from its record (blocking: reads image records)."""
+        from .models import ImageRequest as Request
+
+        request = Request(operation=record.operation, prompt=record.prompt, n=record.n)  # type: ignore[arg-type]
+        job = Job(id=record.id, request=request, warnings=list(record.warnings))
+        job.usage, job.cost, job.balance, job.created_at = record.usage, record.cost, record.balance, record.created_at
+        for image_id in record.image_ids:
+            try:
+                job.saved.append(SavedImage.model_validate(self.store.get(image_id).model_dump()))
+            except ImageGenError:
+                job.warnings.append(f"image {image_id} of this job was deleted or moved since")
+        status = record.status
+        if status == "running" and not record.owner_alive():
+            status = "interrupted"
+        if status == "running":
+            # Still running in another server process (e.g. one finishing its work after its host
+            # quit): no handle to wait on here; its record is rewritten when it ends.
+            job.status = "running"
+            return job
+        job.status = status
+        result = GenerationResult(
+            images=list(job.saved),
+            model=record.model or "unknown",
+            endpoint=record.endpoint or "unknown",
+            provider=record.provider or "unknown",
+            warnings=list(job.warnings),
+            usage=record.usage,
+            cost=record.cost,
+            balance=record.balance,
+            job_id=record.id,
+        )
+        if status == "done":
+            job.result = result
+        else:
+            why = record.error or (
+                f"the server stopped while this job was running; {len(job.saved)} image(s) received before "
+                "that were saved"
             )
+            if status == "interrupted" and "interrupted" not in why:
+                why = f"interrupted: {why}"
+            job.error = ImageGenError(why)
+            job.result = result if job.saved else None
+        job._done.set()
         return job
 
     def _remember(self, job: Job) -> None:
@@ -227,22 +329,22 @@ class ImageService:
             del self._jobs[old.id]
 
     async def _run_job(self, job: Job) -> None:
-        with anyio.CancelScope() as scope:
-            job._scope = scope
-            try:
-                job.result = await self._execute(job)
-                job.status = "done"
-            except ImageGenError as exc:
-                job.error, job.status = exc, "failed"
-            except Exception as exc:  # a bug must still end the job with an answer
-                log.exception("job %s failed unexpectedly", job.id)
-                job.error = ImageGenError(f"internal error: {type(exc).__name__}; see the server log")
-                job.status = "failed"
-        if scope.cancelled_caught:
-            job.status = "cancelled"
-            job.error = InvalidRequestError(
-                f"cancelled; {len(job.saved)} image(s) received before the cancel were saved"
-            )
+        await self._persist(job)
+        try:
+            job.result = await self._execute(job)
+            job.status = "done"
+        except Stopped as exc:
+            job.error, job.status = exc, "cancelled" if job.stop_reason == "cancelled" else "interrupted"
+        except ImageGenError as exc:
+            job.error, job.status = exc, "failed"
+        except Exception as exc:  # a bug must still end the job with an answer
+            log.exception("job %s failed unexpectedly", job.id)
+            job.error = ImageGenError(f"internal error: {type(exc).__name__}; see the server log")
+            job.status = "failed"
+        if job.status == "done" and job.not_sent:
+            # Stopped part way: what was sent is saved; what was not, was never paid for.
+            job.status = "cancelled" if job.stop_reason == "cancelled" else "interrupted"
+            job.error = job.stopped_error()
             if job.saved and job.route is not None:
                 job.result = self._result(job, job.route)
         job.progress = None
@@ -250,6 +352,8 @@ class ImageService:
         # needed any more.
         job.request.images = []
         job.request.mask = None
+        with anyio.CancelScope(shield=True):
+            await self._persist(job)
         job._done.set()
         settle_heap()  # once per process, after the first job has loaded the lazy modules
         if self._tasks is not None:
@@ -259,6 +363,10 @@ class ImageService:
 
     async def _execute(self, job: Job) -> GenerationResult:
         request = job.request
+        job.check_not_stopped()
+        # Before anything is sent (and paid for): a folder that cannot take the images is refused.
+        need = request.n * _image_bytes_estimate(request.size)
+        await on_disk(lambda: self.store.check_room(need))
         await self._needs_gateway()
         routes = await self._catalog.routes(
             model=request.model,
@@ -272,7 +380,13 @@ class ImageService:
             try:
                 result = await self._on_route(job, route)
             except ImageGenError as exc:
-                can_move = self.settings.failover and exc.retryable and not job.saved and i + 1 < len(routes)
+                can_move = (
+                    self.settings.failover
+                    and exc.retryable
+                    and not job.saved
+                    and job.stop_reason is None
+                    and i + 1 < len(routes)
+                )
                 if not can_move:
                     raise
                 failures.append(f"endpoint {route.endpoint.name!r} failed ({exc.message})")
@@ -306,6 +420,9 @@ class ImageService:
         failures: list[ImageGenError] = []
 
         async def run_batch(first_index: int, batch_n: int) -> None:
+            if job.stop_reason is not None:
+                job.not_sent += batch_n
+                return
             try:
                 if route.manifest.transport == "builtin":
                     await self._offline_batch(job, route, prepared, first_index, batch_n, total)
@@ -322,6 +439,8 @@ class ImageService:
                 offset += batch_n
         if failures and not job.saved:
             raise failures[0]
+        if not job.saved and job.not_sent:
+            raise Stopped(job.stopped_error().message)
         for exc in failures:
             job.warnings.append(f"part of the request failed: {exc.agent_text()}")
         log.info(
@@ -367,7 +486,15 @@ class ImageService:
         def on_retry(reason: str) -> None:
             job.warnings.append(f"retried endpoint {route.endpoint.name!r}: {reason}")
 
-        answer = await gateway.send(route.endpoint, route.manifest, wire, on_retry=on_retry)
+        # Until it is sent, a stop (the person's cancel, a shutdown) may drop the request; once
+        # sent it is paid for, so only the gateway call's own timeout ends the wait.
+        with job.unsent_scope() as unsent:
+            answer = await gateway.send(
+                route.endpoint, route.manifest, wire, on_retry=on_retry, on_send=lambda: job.mark_sent(unsent)
+            )
+        if unsent.cancelled_caught:
+            job.not_sent += batch_n
+            return
         # Paid for from here on: finish saving even if the caller cancels.
         with anyio.CancelScope(shield=True):
             _accumulate(job, answer)
@@ -387,6 +514,9 @@ class ImageService:
         mask = request.mask.data if request.mask else None
         sources = [img.data for img in request.images]
         for index in range(first_index, first_index + batch_n):
+            if job.stop_reason is not None:
+                job.not_sent += first_index + batch_n - index
+                return
             if request.operation == "edit":
                 data = await in_worker(
                     lambda i=index: offline.edit(
@@ -539,26 +669,61 @@ class ImageService:
                 job_id=job.id,
             )
 
+        async def save_or_keep() -> ImageRecord:
+            try:
+                return await on_disk(save)
+            except ImageGenError as exc:  # the folder filled up or went away since the check
+                raise await self._kept_elsewhere(job, route, data, mime, exc) from None
+
         # A small file is its own preview (no thread needed); otherwise the preview's decode and
         # encode (CPU) overlap the fsync'd write (disk).
         preview_made = self._as_is_preview(data, request.n) if self._make_previews else None
         if preview_made is not None or not self._make_previews:
-            record = await on_disk(save)
+            record = await save_or_keep()
         else:
 
             async def make_preview() -> None:
                 nonlocal preview_made
                 preview_made = await in_worker(lambda: self._preview(data, request.n))
 
+            failed: ImageGenError | None = None
             async with anyio.create_task_group() as tg:
                 tg.start_soon(make_preview)
-                record = await on_disk(save)
+                try:
+                    record = await save_or_keep()
+                except ImageGenError as exc:  # raised after the group, not wrapped in an ExceptionGroup
+                    failed = exc
+            if failed is not None:
+                raise failed
         if preview_made is not None:
             self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:
                 self._previews.popitem(last=False)
         job.saved.append(SavedImage.model_validate(record.model_dump()))
+        await self._persist(job)  # so a crash from here on still knows this image is the job's
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
+
+    async def _kept_elsewhere(
+        self, job: Job, route: Route, data: bytes, mime: str, error: ImageGenError
+    ) -> ImageGenError:
+        """A save failed after the gateway was paid: keep the bytes where they can be recovered."""
+        from .images import EXTENSIONS
+        from .recovery import keep_unsaved
+
+        name = f"{job.id}_{len(job.saved) + 1}_{secrets.token_hex(3)}.{EXTENSIONS.get(mime, 'bin')}"
+        about = {"job_id": job.id, "prompt": job.request.prompt, "model": route.model.id, "endpoint": route.endpoint.name}
+        kept = await on_disk(lambda: keep_unsaved(data, name, about))
+        where = f"Its bytes were kept at {kept}" if kept else "No other folder could take its bytes either"
+        log.error("could not save an image of job %s: %s; %s", job.id, error.message, where)
+        return ConfigError(f"the image was received (and paid for) but could not be saved: {error.message}. {where}.")
+
+
+def _image_bytes_estimate(size: str | None) -> int:
+    """An upper bound for one saved image: 4 bytes a pixel (what PNG at worst comes near)."""
+    w, _, h = (size or "").partition("x")
+    if w.isdigit() and h.isdigit():
+        return int(w) * int(h) * 4
+    return UNKNOWN_IMAGE_BYTES
 
 
 def _is_http(provider: str) -> bool:

@@ -8,6 +8,7 @@ between leaves an unrecorded file (still visible to the person) and never a reco
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -22,12 +23,17 @@ from pydantic import ValidationError
 
 from .config import OUTPUT_DIR_ENV
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
+from .jobs import JobBook
 from .models import ImageRecord, Operation
+from .recovery import LiveLock, recover
+
+log = logging.getLogger("mcp_imagegen.store")
 
 URI_PREFIX = "imagegen://images/"
 META_DIR_NAME = ".mcp-imagegen"
-TMP_SUFFIX = ".mcpimg-partial"  # half-written files end with this; swept when an hour old
-_SWEEP_AGE_S = 3600.0
+TMP_SUFFIX = ".mcpimg-partial"  # half-written files end with this; see recovery.py
+MIN_FREE_ENV = "MCP_IMAGEGEN_MIN_FREE_MB"  # hidden: the free room a call needs before it is sent
+DEFAULT_MIN_FREE_MB = 64
 # token_urlsafe(16) gives 22 characters; accept a range so the format can grow without breaking.
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _SLUG_MAX = 40
@@ -61,7 +67,55 @@ class ImageStore:
         self._lock = threading.Lock()
         self._last_ns = 0
         self._ready = False
-        self._sweep()
+        self.jobs = JobBook(self.meta_dir)
+        self._live: LiveLock | None = None
+
+    # --- the process's hold on the store -------------------------------------------------------
+
+    def open_live(self) -> None:
+        """Hold the store for this process's life and put right what a crash left (blocking)."""
+        if self._live is not None:
+            return
+        self._live = LiveLock(self.meta_dir)
+        try:
+            recover(self.output_dir, self.meta_dir, alone=self._live.exclusive)
+        except OSError:
+            log.warning("could not look for leftovers of an unclean stop", exc_info=True)
+        finally:
+            self._live.share()
+
+    def close_live(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+    def check_room(self, need_bytes: int) -> None:
+        """Refuse, before anything is sent (and paid for), a folder that cannot take the images."""
+        try:
+            self.meta_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.output_dir, self.meta_dir):  # a real write: root ignores permissions
+                probe = folder / f".probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                os.unlink(probe)
+        except OSError as exc:
+            raise self._not_writable(exc, before_sending=True) from None
+        try:
+            stat = os.statvfs(self.output_dir) if hasattr(os, "statvfs") else None
+        except OSError:
+            stat = None
+        if stat is not None:
+            free = stat.f_bavail * stat.f_frsize
+            try:
+                floor = int(float(os.environ.get(MIN_FREE_ENV, DEFAULT_MIN_FREE_MB)) * 1024 * 1024)
+            except ValueError:
+                floor = DEFAULT_MIN_FREE_MB * 1024 * 1024
+            need = max(floor, need_bytes)
+            if free < need:
+                raise ConfigError(
+                    f"output_dir {self.output_dir} has only {free // (1024 * 1024)} MiB free and this call needs "
+                    f"at least {need // (1024 * 1024)} MiB; nothing was sent to the gateway. Free some room, or "
+                    f"set output_dir in the configuration or {OUTPUT_DIR_ENV} to a folder with room"
+                )
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -76,10 +130,11 @@ class ImageStore:
             raise self._not_writable(exc) from None
         self._ready = True
 
-    def _not_writable(self, exc: OSError) -> ConfigError:
+    def _not_writable(self, exc: OSError, before_sending: bool = False) -> ConfigError:
+        nothing_sent = "nothing was sent to the gateway; " if before_sending else ""
         return ConfigError(
-            f"output_dir {self.output_dir} is not writable: {exc.strerror or exc}; "
-            f"set output_dir in the configuration or {OUTPUT_DIR_ENV}"
+            f"output_dir {self.output_dir} is not writable: {exc.strerror or exc}; {nothing_sent}"
+            f"set output_dir in the configuration or {OUTPUT_DIR_ENV} to a writable folder"
         )
 
     def _mtime_ns(self) -> int:
@@ -183,23 +238,6 @@ class ImageStore:
         except OSError as exc:  # permissions, a full disk, a vanished folder: all stop saving
             raise self._not_writable(exc) from None
         return record
-
-    def _sweep(self) -> None:
-        """Remove temp files that a crash left behind; young ones may belong to a live writer."""
-        cutoff = time.time() - _SWEEP_AGE_S
-        for folder in (self.output_dir, self.meta_dir):
-            try:
-                entries = list(os.scandir(folder))
-            except OSError:
-                continue
-            for entry in entries:
-                if not entry.name.endswith(TMP_SUFFIX):
-                    continue
-                try:
-                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass
 
     # --- reading ---------------------------------------------------------------------------
 

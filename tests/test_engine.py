@@ -372,21 +372,44 @@ async def test_failover_to_another_endpoint_serving_the_model(tmp_path: Path, em
         await run(no_failover, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
 
 
-async def test_cancel_keeps_images_already_received(tmp_path: Path, emulator: Any) -> None:
+async def test_cancel_drops_unsent_requests_and_saves_the_sent_one(tmp_path: Path, emulator: Any) -> None:
     emu = emulator("openai", api_key=SECRET_KEY)
-    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    # One request at a time: of dall-e-3's two one-image requests, the second waits unsent.
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY, max_concurrency=1)])
     async with ImageService(settings) as service:
-        emu.inject(Fault.delay(30))  # one of the two fanned-out requests hangs
+        emu.inject(Fault.delay(1.5))  # the first one is at the gateway when the cancel comes
         job = service.submit(ImageRequest(operation="generate", prompt="x", model="dall-e-3", n=2))
         with anyio.fail_after(10):
-            while not job.saved:
+            while not emu.requests_to("/images/generations"):
                 await anyio.sleep(0.02)
         job.cancel()
-        with pytest.raises(InvalidRequestError, match="cancelled"):
-            await job.wait(5)
+        with anyio.fail_after(20), pytest.raises(InvalidRequestError, match="cancelled; 1 image"):
+            await job.wait(None)
         assert job.status == "cancelled"
-        assert [r.id for r in service.store.recent()] == [job.saved[0].id]
+        assert [r.id for r in service.store.recent()] == [job.saved[0].id]  # the sent one was awaited
         assert job.result is not None and len(job.result.images) == 1
+    assert len(emu.requests_to("/images/generations")) == 1  # the unsent one never left
+
+
+async def test_cancel_before_anything_is_sent_sends_nothing(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", api_key=SECRET_KEY)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY, max_concurrency=1)])
+    async with ImageService(settings) as service:
+        emu.inject(Fault.delay(1.5))
+        busy = service.submit(ImageRequest(operation="generate", prompt="busy", model="gpt-image-1"))
+        with anyio.fail_after(10):
+            while not emu.requests_to("/images/generations"):
+                await anyio.sleep(0.02)
+        queued = service.submit(ImageRequest(operation="generate", prompt="queued", model="gpt-image-1"))
+        with anyio.fail_after(10):
+            while queued.route is None:  # waiting for the endpoint's one slot
+                await anyio.sleep(0.02)
+        queued.cancel()
+        with anyio.fail_after(20), pytest.raises(InvalidRequestError, match="cancelled"):
+            await queued.wait(None)
+        assert queued.status == "cancelled" and not queued.saved and queued.sent == 0
+        assert (await busy.wait(20)) is not None
+    assert len(emu.requests_to("/images/generations")) == 1
 
 
 async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path, emulator: Any) -> None:

@@ -157,22 +157,6 @@ def test_crash_while_writing_the_image_leaves_nothing(tmp_path: Path, monkeypatc
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_old_temp_files_are_swept_on_start(tmp_path: Path) -> None:
-    (tmp_path / ".mcp-imagegen").mkdir()
-    old = tmp_path / f".x.png.ab12{TMP_SUFFIX}"
-    old_meta = tmp_path / ".mcp-imagegen" / f".y.json.cd34{TMP_SUFFIX}"
-    young = tmp_path / f".z.png.ef56{TMP_SUFFIX}"
-    keep = tmp_path / "holiday.png"
-    for p in (old, old_meta, young, keep):
-        p.write_bytes(b"partial")
-    two_hours_ago = time.time() - 7200
-    for p in (old, old_meta, keep):
-        os.utime(p, (two_hours_ago, two_hours_ago))
-    ImageStore(tmp_path)
-    assert not old.exists() and not old_meta.exists()
-    assert young.exists() and keep.exists()
-
-
 def test_recent_is_newest_first_and_skips_deleted(tmp_path: Path) -> None:
     st = ImageStore(tmp_path)
     recs = [save(st, prompt=f"picture {i}") for i in range(5)]

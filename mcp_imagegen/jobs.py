@@ -1,0 +1,251 @@
+"""Jobs: one generation in flight or finished, and its record on disk.
+
+A job belongs to the server, not to the connection that started it. Only an explicit cancel from
+the person stops it, and only for gateway requests not yet sent: a request already sent has been
+paid for, so its answer is awaited and saved. Disconnects, session ends and client timeouts do
+not touch a job.
+
+Each job's record is kept beside the image records (`<output_dir>/.mcp-imagegen/jobs/<id>.json`,
+written atomically), so `get_image(job_id)` answers after a restart, and a job whose process died
+says "interrupted" with the images it saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import ImageGenError, InvalidRequestError
+from .models import GenerationResult, ImageRequest, SavedImage
+
+log = logging.getLogger("mcp_imagegen.jobs")
+
+ProgressFn = Callable[[float, float | None, str], Awaitable[None]]
+JobStatus = Literal["running", "done", "failed", "cancelled", "interrupted"]
+StopReason = Literal["cancelled", "shutdown"]
+
+JOBS_DIR_NAME = "jobs"
+
+
+class Stopped(InvalidRequestError):
+    """A job stopped before any of its requests was sent (cancel or shutdown): nothing was paid."""
+
+    kind = "cancelled"
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation in flight or finished; the handle a slow tool call hands back."""
+
+    id: str
+    request: ImageRequest
+    status: JobStatus = "running"
+    saved: list[SavedImage] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    result: GenerationResult | None = None
+    error: ImageGenError | None = None
+    progress: ProgressFn | None = None
+    route: Any = None  # catalog.Route, once chosen
+    usage: dict[str, Any] | None = None
+    cost: float | None = None
+    balance: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    created_at: str = field(default_factory=lambda: _now())
+    stop_reason: StopReason | None = None
+    not_sent: int = 0  # images never asked for because of a cancel or a shutdown
+    sent: int = 0  # gateway requests sent (each paid for once answered)
+    _unsent: set[anyio.CancelScope] = field(default_factory=set)
+    _done: anyio.Event = field(default_factory=anyio.Event)
+
+    @staticmethod
+    def new_id() -> str:
+        return f"job_{secrets.token_urlsafe(12)}"
+
+    async def wait(self, timeout: float | None) -> GenerationResult | None:
+        """The result, or None when the job has not finished within `timeout` seconds."""
+        with anyio.move_on_after(timeout):
+            await self._done.wait()
+        if not self._done.is_set():
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def detach_progress(self) -> None:
+        self.progress = None
+
+    def cancel(self) -> None:
+        """The person's explicit cancel: requests not yet sent are dropped; sent ones are saved."""
+        self.stop_unsent("cancelled")
+
+    def stop_unsent(self, reason: StopReason) -> None:
+        if self.status != "running" or self.stop_reason is not None:
+            return
+        self.stop_reason = reason
+        for scope in list(self._unsent):
+            scope.cancel()
+
+    def unsent_scope(self) -> anyio.CancelScope:
+        """A scope around one gateway request until it is sent; a stop cancels it while unsent."""
+        scope = anyio.CancelScope()
+        if self.stop_reason is not None:
+            scope.cancel()
+        self._unsent.add(scope)
+        return scope
+
+    def mark_sent(self, scope: anyio.CancelScope) -> None:
+        """Called the moment a request goes out: from here on, no stop reaches it."""
+        self._unsent.discard(scope)
+        self.sent += 1
+
+    def check_not_stopped(self) -> None:
+        if self.stop_reason is not None:
+            raise Stopped(_stopped_text(self.stop_reason, self.request.n, len(self.saved)))
+
+    def stopped_error(self) -> ImageGenError:
+        return InvalidRequestError(_stopped_text(self.stop_reason or "cancelled", self.not_sent, len(self.saved)))
+
+    async def _report(self, done: float, total: float | None, message: str) -> None:
+        progress = self.progress
+        if progress is None:
+            return
+        try:
+            await progress(done, total, message)
+        except Exception:  # a caller that went away must not break the job
+            log.debug("progress report failed; detaching", exc_info=True)
+            self.progress = None
+
+    def to_record(self) -> JobRecord:
+        result = self.result
+        route = self.route
+        return JobRecord(
+            id=self.id,
+            status=self.status,
+            operation=self.request.operation,
+            prompt=self.request.prompt,
+            n=self.request.n,
+            model=result.model if result else (route.model.id if route else self.request.model),
+            endpoint=result.endpoint if result else (route.endpoint.name if route else self.request.endpoint),
+            provider=result.provider if result else (route.endpoint.provider if route else None),
+            image_ids=[image.id for image in self.saved],
+            warnings=list(dict.fromkeys(self.warnings)),
+            error=self.error.agent_text() if self.error is not None else None,
+            usage=self.usage,
+            cost=self.cost,
+            balance=self.balance,
+            created_at=self.created_at,
+            updated_at=_now(),
+            pid=os.getpid(),
+        )
+
+
+def _stopped_text(reason: StopReason, not_sent: int, saved: int) -> str:
+    why = "the call was cancelled" if reason == "cancelled" else "the server was shutting down"
+    return (
+        f"{why}; {not_sent} image(s) were not requested from the gateway (nothing paid for them); "
+        f"{saved} image(s) already received were saved"
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JobRecord(BaseModel):
+    """What outlives the process: enough for get_image(job_id) after a restart."""
+
+    id: str
+    status: JobStatus
+    operation: str
+    prompt: str
+    n: int
+    model: str | None = None
+    endpoint: str | None = None
+    provider: str | None = None
+    image_ids: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    error: str | None = None
+    usage: dict[str, Any] | None = None
+    cost: float | None = None
+    balance: float | None = None
+    created_at: str
+    updated_at: str
+    pid: int | None = None  # the process that ran it: a "running" record of a dead one was interrupted
+
+    def owner_alive(self) -> bool:
+        if self.pid is None or self.pid == os.getpid():
+            return self.pid == os.getpid()
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OSError):
+            return True  # exists, not ours to signal
+        return True
+
+
+class JobBook:
+    """Job records on disk; blocking calls (run them through `on_disk`)."""
+
+    def __init__(self, meta_dir: Path) -> None:
+        self.folder = meta_dir / JOBS_DIR_NAME
+
+    def _path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}.json"
+
+    def write(self, record: JobRecord) -> None:
+        """Atomic (temp file, rename) but not fsync'd: the image records, which are, stay the truth
+        about which images exist; a lost job record only loses the job's summary."""
+        from .store import TMP_SUFFIX
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self._path(record.id)
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            tmp.write_bytes(record.model_dump_json(indent=1).encode("utf-8"))
+            os.replace(tmp, final)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+
+    def read(self, job_id: str) -> JobRecord | None:
+        if not _valid_job_id(job_id):
+            return None
+        try:
+            return JobRecord.model_validate_json(self._path(job_id).read_bytes())
+        except (OSError, ValidationError):
+            return None
+
+    def running(self) -> list[JobRecord]:
+        try:
+            names = [e.name for e in os.scandir(self.folder) if e.name.endswith(".json")]
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            record = self.read(name[: -len(".json")])
+            if record is not None and record.status == "running":
+                out.append(record)
+        return out
+
+
+def _valid_job_id(job_id: str) -> bool:
+    rest = job_id.removeprefix("job_")
+    return job_id.startswith("job_") and 8 <= len(rest) <= 64 and all(c.isalnum() or c in "-_" for c in rest)
