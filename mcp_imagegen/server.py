@@ -256,6 +256,20 @@ async def _await_job(job: Any, seconds: float, progress: _Progress | None, what:
             await progress.heartbeat(what)
 
 
+def _peer_cancelled(ctx: Context | None) -> bool:
+    """Whether the client sent `notifications/cancelled` for this call (an explicit cancel, which
+    an SDK read timeout also sends), as opposed to the connection going away.
+
+    The SDK sets the request's `cancel_requested` event before it cancels the handler; the event
+    sits on the request's dispatch context, which the per-request session holds.
+    """
+    try:
+        dispatch = ctx.request_context.session._request_outbound  # type: ignore[union-attr]
+        return bool(dispatch.cancel_requested.is_set())
+    except (AttributeError, ValueError):
+        return False  # unknown: treat as a disconnect, which never drops work
+
+
 def _describe_validation(tool: str, exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
@@ -433,8 +447,13 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             # Plain calls, no awaits: nothing here can be interrupted by the cancellation.
             progress.close()
             job.detach_progress()
-            job.cancel()
-            log.info("%s cancelled by the client; job %s cancelled (images received are kept)", tool, job.id)
+            if _peer_cancelled(ctx):
+                # The person's cancel: requests not yet sent are dropped, sent ones still saved.
+                job.cancel()
+                log.info("%s cancelled by the client; job %s sends nothing more and saves what was sent", tool, job.id)
+            else:
+                # A disconnect, a closed session, a transport error: never the person's decision.
+                log.info("%s lost its caller; job %s goes on (get_image(job_id) collects it)", tool, job.id)
             raise
         except BaseException:
             progress.close()
@@ -609,20 +628,16 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
                 inline_full=inline,
             )
         assert job_id is not None
-        job = svc.job(job_id.strip())
+        job = await svc.find_job(job_id.strip())
         progress = _Progress(ctx, float(job.request.n))
         progress.saved = len(job.saved)
         try:
             result = await _await_job(job, min(wait_s, settings.tool_deadline_s), progress, "waiting")
         except ImageGenError:
-            if job.status == "cancelled" and job.result is not None:
+            if job.status in ("cancelled", "interrupted") and job.result is not None:
+                why = job.error.message if job.error is not None else job.status
                 result = job.result.model_copy(
-                    update={
-                        "warnings": [
-                            *job.result.warnings,
-                            "the job was cancelled; these images arrived before the cancel",
-                        ]
-                    }
+                    update={"warnings": [*job.result.warnings, f"the job was {job.status} ({why}); these images were saved"]}
                 )
             else:
                 raise
