@@ -97,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
 
+    if command == "serve" and args.transport == "stdio":
+        from . import relay
+
+        if relay.wanted():  # before anything heavy is imported: see relay.py
+            return relay.run(list(sys.argv[1:] if argv is None else argv))
+
     from .config import load_settings
     from .errors import ImageGenError
     from .logs import configure_logging

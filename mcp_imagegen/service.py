@@ -117,6 +117,10 @@ class ImageService:
     def draining(self) -> bool:
         return self._draining
 
+    def begin_drain(self) -> None:
+        """Refuse new jobs from now on (synchronous: safe in a signal handler)."""
+        self._draining = True
+
     def running_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if job.status == "running"]
 

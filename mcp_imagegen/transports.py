@@ -125,6 +125,10 @@ def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: 
             yield state
 
     app.router.lifespan_context = lifespan
+    app.state.imagegen_service = service  # the drain on SIGTERM needs it (shutdown.py)
+    from .shutdown import DrainGate
+
+    app.add_middleware(DrainGate, service=service)
     if auth_token:
         app.add_middleware(BearerAuthMiddleware, token=auth_token)
     return app
@@ -204,9 +208,9 @@ def uvicorn_log_config() -> dict[str, Any]:
 
 
 async def _serve_uvicorn(app: Starlette, host: str, port: int) -> None:
-    import uvicorn
+    from .shutdown import draining_server
 
-    await uvicorn.Server(uvicorn_config(app, host, port)).serve()
+    await draining_server(uvicorn_config(app, host, port), app.state.imagegen_service).serve()
 
 
 def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
@@ -232,10 +236,11 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
 
 
 async def serve_stdio(settings: Settings) -> None:
-    from .server import build_server
+    """The stdio server itself (behind the relay on POSIX, see relay.py): when the client goes,
+    it finishes and saves the gateway requests already sent before it exits (shutdown.py)."""
+    from .shutdown import serve_stdio_until_done
 
-    server = build_server(settings)
-    await server.run_stdio_async()
+    await serve_stdio_until_done(settings)
 
 
 async def serve_http(

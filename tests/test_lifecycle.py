@@ -1,0 +1,362 @@
+"""Nothing paid for is lost, whatever the host or the process does.
+
+Real server processes, real signals and a gateway emulator that counts what it served (billed).
+The emulator holds its answers (`hold()`) until the test has done what a host does to the
+server, then answers (`release()`): every row waits on conditions, none on the clock.
+For every row: images saved == images the gateway served, and each is findable afterwards
+(files, records, get_image(job_id) from a new server process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.os.posix.utilities import terminate_posix_process_tree
+
+from mcp_imagegen.jobs import JobRecord
+from mcp_imagegen.models import ImageRecord
+from tests.emulators import Emulator
+from tests.emulators.base import DEFAULT_API_KEY
+
+REPO = Path(__file__).resolve().parent.parent
+GENERATIONS = "/images/generations"
+CALLS = 4
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.name != "posix", reason="process groups and signals are POSIX"),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- the world around the server --------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def server_env(tmp_path: Path, emu: Emulator) -> dict[str, str]:
+    out = tmp_path / "out"
+    config = tmp_path / "mcp-imagegen.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            output_dir = "{out.as_posix()}"
+
+            [[endpoints]]
+            name = "gw"
+            provider = "openai"
+            base_url = "{emu.base_url}"
+            api_key_env = "LIFECYCLE_GATEWAY_KEY"
+            timeout_s = 120
+            max_concurrency = 8
+            """
+        ),
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
+    env.update(
+        MCP_IMAGEGEN_CONFIG=str(config),
+        LIFECYCLE_GATEWAY_KEY=DEFAULT_API_KEY,
+        HOME=str(tmp_path / "home"),
+        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
+        XDG_STATE_HOME=str(tmp_path / "state"),
+        PYTHONPATH=str(REPO),
+        MCP_IMAGEGEN_LOG_LEVEL="INFO",
+    )
+    env.pop("MCP_IMAGEGEN_STDIO_WORKER", None)
+    env.pop("MCP_IMAGEGEN_OUTPUT_DIR", None)
+    return env
+
+
+def image_records(out: Path) -> list[ImageRecord]:
+    """Every image record; each must parse (no torn record) and point at a whole file."""
+    meta = out / ".mcp-imagegen"
+    records = [ImageRecord.model_validate_json(p.read_bytes()) for p in sorted(meta.glob("*.json"))]
+    for record in records:
+        assert Path(record.path).is_file(), record.path
+        assert Path(record.path).stat().st_size == record.bytes
+    return records
+
+
+def job_records(out: Path) -> list[JobRecord]:
+    return [JobRecord.model_validate_json(p.read_bytes()) for p in sorted((out / ".mcp-imagegen" / "jobs").glob("*.json"))]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie nobody reaped yet has finished too
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def wait_until_finished(out: Path, jobs: int) -> list[JobRecord]:
+    """The worker that kept the jobs has recorded them all and exited."""
+
+    def finished() -> list[JobRecord] | None:
+        records = job_records(out) if (out / ".mcp-imagegen" / "jobs").is_dir() else []
+        if len(records) < jobs or any(r.status == "running" for r in records):
+            return None
+        return records
+
+    records = wait_for(finished, f"{jobs} finished job records")
+    for pid in {r.pid for r in records if r.pid}:
+        wait_for(lambda pid=pid: process_gone(pid), f"the worker {pid} to exit")
+    return records
+
+
+def assert_saved_equals_served(out: Path, emu: Emulator, expected: int = CALLS) -> list[JobRecord]:
+    jobs = wait_until_finished(out, expected)
+    served = emu.served(GENERATIONS)
+    records = image_records(out)
+    assert served == expected, f"the gateway served {served}"
+    assert len(records) == served, f"saved {len(records)} of {served} served"
+    assert sorted(i for j in jobs for i in j.image_ids) == sorted(r.id for r in records)
+    assert all(j.status == "done" for j in jobs), [(j.status, j.error) for j in jobs]
+    return jobs
+
+
+async def assert_findable_from_a_new_server(tmp_path: Path, env: dict[str, str], jobs: list[JobRecord]) -> None:
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
+    with (tmp_path / "verify-stderr.log").open("a") as errlog, anyio.fail_after(60):
+        async with Client(stdio_client(params, errlog=errlog), mode="legacy") as client:
+            listed = {str(r.uri) for r in (await client.list_resources()).resources}
+            for job in jobs:
+                got = await client.call_tool("get_image", {"job_id": job.id, "wait_s": 0})
+                assert not got.is_error, got.content
+                assert got.structured_content["status"] == "done"
+                images = got.structured_content["images"]
+                assert [i["id"] for i in images] == job.image_ids
+                for image in images:
+                    assert image["uri"] in listed and Path(image["path"]).is_file()
+
+
+# --- a host that speaks raw JSON-RPC over pipes -------------------------------------------------------
+
+
+class StdioHost:
+    """Starts `python -m mcp_imagegen` as a host does (its own process group) and talks JSON-RPC."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.stderr = (tmp_path / "server-stderr.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mcp_imagegen"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+        )
+        self.replies: dict[int, dict[str, Any]] = {}
+        self._next = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if "id" in message and ("result" in message or "error" in message):
+                self.replies[message["id"]] = message
+
+    def send(self, method: str, params: dict[str, Any] | None = None, notify: bool = False) -> int:
+        assert self.proc.stdin is not None
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, **({"params": params} if params else {})}
+        if not notify:
+            self._next += 1
+            message["id"] = self._next
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+        return self._next
+
+    def start(self) -> None:
+        rid = self.send(
+            "initialize",
+            {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "host", "version": "0"}},
+        )
+        wait_for(lambda: rid in self.replies, "the initialize answer")
+        self.send("notifications/initialized", notify=True)
+
+    def call(self, prompt: str) -> int:
+        return self.send("tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-1"}})
+
+    def close(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+
+
+class _Spawned:
+    """What the SDK's terminate_posix_process_tree reads of a process: its pid and return code."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll()
+
+
+@pytest.fixture
+def gateway(emulator: Any) -> Iterator[Emulator]:
+    emu = emulator("openai")
+    emu.hold()
+    try:
+        yield emu
+    finally:
+        emu.release()
+
+
+def start_calls(host: StdioHost, emu: Emulator, n: int = CALLS) -> None:
+    host.start()
+    for i in range(n):
+        host.call(f"call {i}")
+    wait_for(lambda: len(emu.requests_to(GENERATIONS)) == n, f"{n} requests at the gateway")
+
+
+# --- stdio --------------------------------------------------------------------------------------------
+
+
+async def test_stdio_host_closes_stdin_with_calls_in_flight(tmp_path: Path, gateway: Emulator) -> None:
+    env = server_env(tmp_path, gateway)
+    host = StdioHost(tmp_path, env)
+    try:
+        start_calls(host, gateway)
+        assert host.proc.stdin is not None
+        host.proc.stdin.close()  # a spec-compliant shutdown
+        wait_for(lambda: host.proc.poll() is not None, "the process the host started to exit")
+        gateway.release()  # only now does the gateway answer: nobody is listening any more
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway)
+    finally:
+        host.close()
+    log = (tmp_path / "server-stderr.log").read_text()
+    assert "finishing 4 job(s)" in log and "4 image(s) saved" in log
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+async def test_stdio_process_group_gets_sigterm_then_sigkill_as_the_sdk_sends(
+    tmp_path: Path, gateway: Emulator
+) -> None:
+    env = server_env(tmp_path, gateway)
+    host = StdioHost(tmp_path, env)
+    try:
+        start_calls(host, gateway)
+        # The SDK client's own escalation: SIGTERM to the whole group, SIGKILL 2 s later.
+        await terminate_posix_process_tree(_Spawned(host.proc), 2.0)  # type: ignore[arg-type]
+        wait_for(lambda: host.proc.poll() is not None, "the process group to be gone")
+        gateway.release()
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway)
+    finally:
+        host.close()
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+CLIENT_SCRIPT = """
+import os, sys, anyio
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+async def main() -> None:
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=dict(os.environ))
+    async with Client(stdio_client(params), mode="legacy") as client:
+        async with anyio.create_task_group() as tg:
+            for i in range({calls}):
+                tg.start_soon(client.call_tool, "generate_image", {{"prompt": f"call {{i}}", "model": "gpt-image-1"}})
+            print("CALLING", flush=True)
+
+anyio.run(main)
+"""
+
+
+async def test_stdio_client_process_killed(tmp_path: Path, gateway: Emulator) -> None:
+    env = server_env(tmp_path, gateway)
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT.format(calls=CALLS))
+    with (tmp_path / "client-stderr.log").open("ab") as errlog:
+        client = subprocess.Popen(
+            [sys.executable, str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=errlog
+        )
+        try:
+            wait_for(lambda: len(gateway.requests_to(GENERATIONS)) == CALLS, "4 requests at the gateway")
+            client.kill()  # SIGKILL: no goodbye, the pipes just close
+            client.wait()
+            gateway.release()
+            jobs = assert_saved_equals_served(tmp_path / "out", gateway)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
+    tmp_path: Path, gateway: Emulator
+) -> None:
+    env = server_env(tmp_path, gateway)
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
+    with (tmp_path / "stderr.log").open("a") as errlog, anyio.fail_after(90):
+        async with Client(stdio_client(params, errlog=errlog), mode="legacy") as client:
+
+            async def release_once_sent() -> None:
+                while not gateway.requests_to(GENERATIONS):
+                    await anyio.sleep(0.05)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release_once_sent)
+                with pytest.raises(Exception, match="(?i)timed out|timeout"):
+                    await client.call_tool("generate_image", {"prompt": "slow", "model": "gpt-image-1"}, read_timeout_seconds=1)
+            assert len(gateway.requests_to(GENERATIONS)) == 1  # sent before the cancel
+            gateway.release()
+            while not (tmp_path / "out" / ".mcp-imagegen" / "jobs").is_dir() or any(
+                j.status == "running" for j in job_records(tmp_path / "out")
+            ):
+                await anyio.sleep(0.05)
+            [job] = job_records(tmp_path / "out")
+            got = await client.call_tool("get_image", {"job_id": job.id, "wait_s": 0})
+            assert got.structured_content["status"] == "done" and len(got.structured_content["images"]) == 1
+    jobs = assert_saved_equals_served(tmp_path / "out", gateway, expected=1)
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
