@@ -124,8 +124,8 @@ def process_gone(pid: int) -> bool:
         return False
 
 
-def wait_until_finished(out: Path, jobs: int) -> list[JobRecord]:
-    """The worker that kept the jobs has recorded them all and exited."""
+def wait_until_finished(out: Path, jobs: int, exited: bool = True) -> list[JobRecord]:
+    """The worker that kept the jobs has recorded them all (and exited)."""
 
     def finished() -> list[JobRecord] | None:
         records = job_records(out) if (out / ".mcp-imagegen" / "jobs").is_dir() else []
@@ -134,13 +134,15 @@ def wait_until_finished(out: Path, jobs: int) -> list[JobRecord]:
         return records
 
     records = wait_for(finished, f"{jobs} finished job records")
-    for pid in {r.pid for r in records if r.pid}:
+    for pid in {r.pid for r in records if r.pid and exited}:
         wait_for(lambda pid=pid: process_gone(pid), f"the worker {pid} to exit")
     return records
 
 
-def assert_saved_equals_served(out: Path, emu: Emulator, expected: int = CALLS) -> list[JobRecord]:
-    jobs = wait_until_finished(out, expected)
+def assert_saved_equals_served(
+    out: Path, emu: Emulator, expected: int = CALLS, exited: bool = True
+) -> list[JobRecord]:
+    jobs = wait_until_finished(out, expected, exited)
     served = emu.served(GENERATIONS)
     records = image_records(out)
     assert served == expected, f"the gateway served {served}"
@@ -360,3 +362,157 @@ async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
             assert got.structured_content["status"] == "done" and len(got.structured_content["images"]) == 1
     jobs = assert_saved_equals_served(tmp_path / "out", gateway, expected=1)
     await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+# --- streamable HTTP -------------------------------------------------------------------------------------
+
+
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def http_server(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    stderr = (tmp_path / "http-stderr.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcp_imagegen", "--transport", "http", "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        cwd=tmp_path,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    def up() -> bool:
+        assert proc.poll() is None, (tmp_path / "http-stderr.log").read_text()[-2000:]
+        try:
+            return httpx2.post(url, json=INIT, headers=JSON_HEADERS, timeout=5).status_code == 200
+        except httpx2.TransportError:
+            return False
+
+    try:
+        wait_for(up, "the HTTP server to answer")
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        stderr.close()
+
+
+async def open_session(http: httpx2.AsyncClient, url: str) -> dict[str, str]:
+    first = await http.post(url, json=INIT, headers=JSON_HEADERS)
+    headers = {**JSON_HEADERS, "mcp-session-id": first.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+    await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+    return headers
+
+
+async def raw_call(http: httpx2.AsyncClient, url: str, headers: dict[str, str], i: int) -> None:
+    body = {"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
+            "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-1"}}}
+    try:
+        async with http.stream("POST", url, json=body, headers=headers) as response:
+            async for _ in response.aiter_bytes():
+                pass
+    except httpx2.TransportError:
+        pass  # the session went away under it: that is the point
+
+
+async def wait_async(condition: Callable[[], Any], what: str, timeout: float = 90) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.05)
+
+
+async def test_http_session_deleted_with_calls_in_flight(tmp_path: Path, gateway: Emulator) -> None:
+    env = server_env(tmp_path, gateway)
+    with http_server(tmp_path, env) as (proc, url):
+        async with httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=None)) as http:
+            headers = await open_session(http, url)
+            async with anyio.create_task_group() as tg:
+                for i in range(CALLS):
+                    tg.start_soon(raw_call, http, url, headers, i)
+                await wait_async(lambda: len(gateway.requests_to(GENERATIONS)) == CALLS, "4 requests at the gateway")
+                deleted = await http.delete(url, headers=headers)
+                assert deleted.status_code in (200, 204)
+                tg.cancel_scope.cancel()
+        gateway.release()
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway, exited=False)
+        assert proc.poll() is None  # the server itself never noticed anything worth dying for
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: proc.poll() is not None, "the HTTP server to exit")
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+async def test_http_sigterm_drains_in_flight_calls(tmp_path: Path, gateway: Emulator) -> None:
+    env = server_env(tmp_path, gateway)
+    answers: list[Any] = []
+    with http_server(tmp_path, env) as (proc, url):
+        http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120))
+        transport = streamable_http_client(url, http_client=http, terminate_on_close=False)
+        async with Client(transport, mode="legacy") as client:
+            await client.list_tools()  # the client checks results against the tools' schemas
+
+            async def call(i: int) -> None:
+                answers.append(await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-1"}))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(CALLS):
+                    tg.start_soon(call, i)
+                await wait_async(lambda: len(gateway.requests_to(GENERATIONS)) == CALLS, "4 requests at the gateway")
+                proc.send_signal(signal.SIGTERM)
+                # Draining (the gateway still holds every answer): a new call is turned away.
+                async with httpx2.AsyncClient(timeout=10) as other:
+                    async def refused() -> bool:
+                        return (await other.post(url, json=INIT, headers=JSON_HEADERS)).status_code == 503
+
+                    with anyio.fail_after(30):
+                        while not await refused():
+                            await anyio.sleep(0.05)
+                gateway.release()
+        wait_for(lambda: proc.poll() is not None, "the HTTP server to exit after draining")
+    assert len(answers) == CALLS and not any(a.is_error for a in answers), answers
+    jobs = assert_saved_equals_served(tmp_path / "out", gateway)
+    assert sorted(a.structured_content["job_id"] for a in answers) == sorted(j.id for j in jobs)
+    log = (tmp_path / "http-stderr.log").read_text()
+    assert "SIGTERM received" in log and "4 image(s) saved" in log
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+async def test_http_second_signal_exits_at_once_and_records_the_jobs_as_interrupted(
+    tmp_path: Path, gateway: Emulator
+) -> None:
+    env = server_env(tmp_path, gateway)
+    with http_server(tmp_path, env) as (proc, url):
+        async with httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=None)) as http:
+            headers = await open_session(http, url)
+            async with anyio.create_task_group() as tg:
+                for i in range(2):
+                    tg.start_soon(raw_call, http, url, headers, i)
+                await wait_async(lambda: len(gateway.requests_to(GENERATIONS)) == 2, "2 requests at the gateway")
+                proc.send_signal(signal.SIGTERM)
+                await wait_async(lambda: "SIGTERM received" in (tmp_path / "http-stderr.log").read_text(), "the drain")
+                proc.send_signal(signal.SIGTERM)
+                await wait_async(lambda: proc.poll() is not None, "the server to exit at the second signal")
+                tg.cancel_scope.cancel()
+    jobs = job_records(tmp_path / "out")
+    assert len(jobs) == 2 and all(j.status == "interrupted" for j in jobs), jobs
+    assert "recorded as interrupted" in (tmp_path / "http-stderr.log").read_text()
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
+    with (tmp_path / "verify-stderr.log").open("a") as errlog, anyio.fail_after(60):
+        async with Client(stdio_client(params, errlog=errlog), mode="legacy") as client:
+            got = await client.call_tool("get_image", {"job_id": jobs[0].id})
+            assert got.is_error and "interrupted" in got.content[0].text  # type: ignore[union-attr]
