@@ -105,11 +105,12 @@ class ImageStore:
             stat = None
         if stat is not None:
             free = stat.f_bavail * stat.f_frsize
+            # The hidden setting, when given, is the whole rule (for tests and tight machines).
+            given = os.environ.get(MIN_FREE_ENV)
             try:
-                floor = int(float(os.environ.get(MIN_FREE_ENV, DEFAULT_MIN_FREE_MB)) * 1024 * 1024)
+                need = int(float(given) * 1024 * 1024) if given else max(DEFAULT_MIN_FREE_MB * 1024 * 1024, need_bytes)
             except ValueError:
-                floor = DEFAULT_MIN_FREE_MB * 1024 * 1024
-            need = max(floor, need_bytes)
+                need = max(DEFAULT_MIN_FREE_MB * 1024 * 1024, need_bytes)
             if free < need:
                 raise ConfigError(
                     f"output_dir {self.output_dir} has only {free // (1024 * 1024)} MiB free and this call needs "

@@ -516,3 +516,54 @@ async def test_http_second_signal_exits_at_once_and_records_the_jobs_as_interrup
         async with Client(stdio_client(params, errlog=errlog), mode="legacy") as client:
             got = await client.call_tool("get_image", {"job_id": jobs[0].id})
             assert got.is_error and "interrupted" in got.content[0].text  # type: ignore[union-attr]
+
+
+# --- kill -9 and a restart ----------------------------------------------------------------------------
+
+
+async def test_restart_after_kill_9_finds_every_whole_image_and_no_torn_record(
+    tmp_path: Path, gateway: Emulator
+) -> None:
+    from tests.test_store import png
+
+    env = server_env(tmp_path, gateway)
+    out = tmp_path / "out"
+    host = StdioHost(tmp_path, env)
+    try:
+        host.start()
+        gateway.release()
+        first = host.call("done before the kill")
+        wait_for(lambda: first in host.replies, "the first call's answer")
+        done_job = host.replies[first]["result"]["structuredContent"]["job_id"]
+        gateway.hold()
+        for i in range(2):
+            host.call(f"in flight {i}")
+        wait_for(lambda: len(gateway.requests_to(GENERATIONS)) == 3, "2 more requests at the gateway")
+        running = wait_for(lambda: [j for j in job_records(out) if j.status == "running"], "running job records")
+        [worker] = {j.pid for j in running}
+        os.kill(worker, signal.SIGKILL)  # no chance to save or record anything
+        wait_for(lambda: process_gone(worker), "the worker to die")
+    finally:
+        host.close()
+        gateway.release()
+    # What a kill in the middle of a save leaves: a whole temp file and a torn one.
+    whole = png((16, 16), "purple")
+    (out / f".20260101-000000_mid-save_KiLlEd.png.0a0b0c0d.mcpimg-partial").write_bytes(whole)
+    (out / f".20260101-000001_torn_ToRnNn.png.0e0f0a0b.mcpimg-partial").write_bytes(whole[:40])
+
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
+    with (tmp_path / "verify-stderr.log").open("a") as errlog, anyio.fail_after(60):
+        async with Client(stdio_client(params, errlog=errlog), mode="legacy") as client:
+            kept = await client.call_tool("get_image", {"job_id": done_job, "wait_s": 0})
+            assert kept.structured_content["status"] == "done" and len(kept.structured_content["images"]) == 1
+            for job in running:
+                lost = await client.call_tool("get_image", {"job_id": job.id, "wait_s": 0})
+                assert lost.is_error and "interrupted" in lost.content[0].text  # type: ignore[union-attr]
+            listed = {str(r.uri): r for r in (await client.list_resources()).resources}
+            records = image_records(out)  # every record parses and points at a whole file
+            assert {r.uri for r in records} <= set(listed)
+            recovered = [r for r in records if Path(r.path).name == "20260101-000000_mid-save_KiLlEd.png"]
+            assert len(recovered) == 1
+            read = await client.read_resource(recovered[0].uri)
+            assert read.contents[0].blob  # type: ignore[union-attr]
+    assert not [p for p in out.rglob("*.mcpimg-partial")]
