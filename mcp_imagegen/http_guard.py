@@ -36,6 +36,33 @@ ACCEPT_LOG_EVERY_S = 10.0
 _RESERVED_FDS_MIN = 64  # descriptors kept back for image files, gateway connections, logs
 
 
+class _Throttled:
+    """One log line per kind of event every ACCEPT_LOG_EVERY_S, with a count of those left out:
+    under a flood, one line per connection would be a flood of its own."""
+
+    def __init__(self, level: int, message: str) -> None:
+        self._level = level
+        self._message = message
+        self._next = -math.inf
+        self._left_out = 0
+
+    def __call__(self, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        self._next = now + ACCEPT_LOG_EVERY_S
+        suffix = f" ({self._left_out} more since the last report)" if self._left_out else ""
+        self._left_out = 0
+        log.log(self._level, self._message + suffix, *args)
+
+
+_log_refused = _Throttled(logging.WARNING, "%d connections open (the cap is %d): refusing new ones")
+_log_evicted = _Throttled(logging.INFO, "connection cap reached: closing the connections idle longest (%s)")
+_log_slow_headers = _Throttled(logging.INFO, "closing connections whose request headers did not arrive in time (%s)")
+_log_slow_body = _Throttled(logging.INFO, "closing connections whose request body did not arrive in time (%s)")
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     read_timeout_s: float
@@ -143,7 +170,7 @@ class _GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self._limits.max_connections and not self._make_room():
-            log.warning("%d connections open (the cap is %d): refusing one", len(self.connections), self._limits.max_connections)
+            _log_refused(len(self.connections), self._limits.max_connections)
             self._close_with(_OVERLOADED)
             return
         self._awaiting_headers = True
@@ -186,7 +213,7 @@ class _GuardedH11Protocol(H11Protocol):
         self._awaiting_headers = False
         if self.cycle is not cycle_at_arm or self._in_flight():
             return  # headers arrived after all (a request was handled meanwhile)
-        log.info("closing a connection from %s: request headers not complete in time", self._peer())
+        _log_slow_headers(self._peer())
         self._close_with(_REQUEST_TIMEOUT if self._partial else None)
 
     def _body_too_slow(self, cycle: Any) -> None:
@@ -199,7 +226,7 @@ class _GuardedH11Protocol(H11Protocol):
         if remaining > 0 or self.flow.read_paused:
             self._arm(max(remaining, 1.0), self._body_too_slow, cycle)
             return
-        log.info("closing a connection from %s: request body not complete in time", self._peer())
+        _log_slow_body(self._peer())
         self._close_with(_REQUEST_TIMEOUT)
 
     def _peer(self) -> str:
@@ -216,8 +243,10 @@ class _GuardedH11Protocol(H11Protocol):
         ]
         if not idle:
             return False
-        oldest = min(idle, key=lambda c: c._idle_since)
-        log.info("connection cap reached: closing the connection idle longest (%s)", oldest._peer())
+        # Connections still waiting for a request's headers go first (that is what a slowloris
+        # looks like), then kept-alive ones, each oldest first.
+        oldest = min(idle, key=lambda c: (not c._awaiting_headers, c._idle_since))
+        _log_evicted(oldest._peer())
         oldest._close_with(None)
         return True
 

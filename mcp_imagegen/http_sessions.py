@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from .rpc_errors import AnsweringReadStream
+from .rpc_errors import AnsweringReadStream, RequestIdInErrors
 
 log = logging.getLogger("mcp_imagegen.http_sessions")
 
@@ -168,7 +168,8 @@ def streamable_http_app(
         session_idle_timeout=session_idle_timeout_s,
         max_sessions_per_client=max_sessions_per_client,
     )
-    app = Starlette(routes=[Route(path, endpoint=StreamableHTTPASGIApp(manager))], lifespan=lambda _app: manager.run())
+    endpoint = RequestIdInErrors(StreamableHTTPASGIApp(manager))
+    app = Starlette(routes=[Route(path, endpoint=endpoint)], lifespan=lambda _app: manager.run())
     app.state.session_manager = manager
     return app
 

@@ -6,11 +6,13 @@ gets a response. `AnsweringReadStream` sits between the transport and the server
 a request with the error JSON-RPC defines: -32700 for text that is not JSON, -32600 for an object
 that is not a valid request, -32602 for a request whose `params` is not an object. Messages
 without a usable id (notifications, batches, garbage) are answered with id null only when they
-were not JSON at all, as the specification asks.
+were not JSON at all, as the specification asks. Over streamable HTTP the SDK does answer (HTTP
+400), but with id null; `RequestIdInErrors` puts the request's id and the fitting code in.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from types import TracebackType
 from typing import Any
@@ -19,6 +21,7 @@ import anyio
 from mcp.shared.message import SessionMessage
 from mcp_types import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("mcp_imagegen.rpc_errors")
 
@@ -32,15 +35,9 @@ def _offending_object(exc: ValidationError) -> dict[str, Any] | None:
     return None
 
 
-def error_reply(exc: Exception) -> JSONRPCError | None:
-    """The JSON-RPC error that answers the message behind `exc`, or None when none is owed."""
-    if not isinstance(exc, ValidationError):
-        return None
-    errors = exc.errors(include_url=False)
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=PARSE_ERROR, message="Parse error: not JSON"))
-    message = _offending_object(exc)
-    if message is None or "result" in message or "error" in message:
+def reply_for_object(message: Any) -> JSONRPCError | None:
+    """The error owed to a decoded JSON value that is not a valid message, if it is a request with an id."""
+    if not isinstance(message, dict) or "result" in message or "error" in message:
         return None  # a batch or a malformed response: nobody waits for an answer
     request_id = message.get("id")
     if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
@@ -48,8 +45,74 @@ def error_reply(exc: Exception) -> JSONRPCError | None:
     if message.get("jsonrpc") == "2.0" and isinstance(message.get("method"), str) and "params" in message:
         code, text = INVALID_PARAMS, "Invalid params: 'params' must be an object"
     else:
-        code, text = INVALID_REQUEST, "Invalid request: needs \"jsonrpc\": \"2.0\" and a string \"method\""
+        code, text = INVALID_REQUEST, 'Invalid request: needs "jsonrpc": "2.0" and a string "method"'
     return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=text))
+
+
+def error_reply(exc: Exception) -> JSONRPCError | None:
+    """The JSON-RPC error that answers the message behind `exc`, or None when none is owed."""
+    if not isinstance(exc, ValidationError):
+        return None
+    if any(e.get("type") == "json_invalid" for e in exc.errors(include_url=False)):
+        return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=PARSE_ERROR, message="Parse error: not JSON"))
+    return reply_for_object(_offending_object(exc))
+
+
+class RequestIdInErrors:
+    """Streamable HTTP: the SDK answers an invalid request with HTTP 400 and a JSON-RPC error, but
+    with id null and -32602 even for a malformed envelope. This puts the request's id and the
+    right code in (only for small bodies: a malformed request is small; large bodies pass as sent).
+    """
+
+    _KEEP = 64 * 1024
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        start: Message | None = None
+        answer = bytearray()
+
+        async def tee() -> Message:
+            received = await receive()
+            if received["type"] == "http.request" and len(body) <= self._KEEP:
+                body.extend(received.get("body", b""))
+            return received
+
+        async def watch(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] == 400 and len(body) <= self._KEEP:
+                start = message  # held until the body shows whether it needs the id
+                return
+            if start is None:
+                await send(message)
+                return
+            answer.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            fixed = self._with_id(bytes(body), bytes(answer))
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(fixed)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": fixed})
+
+        await self.app(scope, tee, watch)
+
+    @staticmethod
+    def _with_id(request: bytes, answer: bytes) -> bytes:
+        try:
+            sent = json.loads(answer)
+            asked = json.loads(request)
+        except ValueError:
+            return answer
+        if not (isinstance(sent, dict) and "error" in sent and sent.get("id") is None):
+            return answer
+        reply = reply_for_object(asked)
+        return answer if reply is None else reply.model_dump_json(by_alias=True, exclude_none=True).encode()
 
 
 class AnsweringReadStream:

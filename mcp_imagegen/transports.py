@@ -10,8 +10,11 @@ Both network transports: DNS-rebinding protection (Host and Origin checked) on l
 bearer token checked in constant time on every request when one is set (401 with
 `WWW-Authenticate: Bearer` otherwise); a refusal to serve a non-loopback address without a token
 unless `allow_unauthenticated`; request bodies up to `settings.max_request_body_mb` (413 beyond),
-since `edit_image` arguments can carry base64 images. The image service is made and entered once
-per app in the ASGI lifespan, so background jobs outlive the requests and sessions that started them.
+since `edit_image` arguments can carry base64 images; 404 for OAuth discovery documents (there is
+no OAuth). The image service is made and entered once per app in the ASGI lifespan, so background
+jobs outlive the requests and sessions that started them. What protects them under abuse lives in
+http_guard.py (connections: timeouts, the descriptor cap) and http_sessions.py (sessions per
+client); requests the SDK cannot read are answered by rpc_errors.py, on stdio too.
 """
 
 from __future__ import annotations

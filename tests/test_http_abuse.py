@@ -447,7 +447,9 @@ async def test_invalid_json_rpc_over_streamable_http_is_answered(tmp_path: Path)
                 answer = await http.post(f"{origin}/mcp", content=body, headers=session)
                 assert answer.status_code == 400
                 error = answer.json()
-                assert error["jsonrpc"] == "2.0" and error["error"]["code"] in (code, -32602, -32600), error
+                assert error["jsonrpc"] == "2.0" and error["error"]["code"] == code, error
+                assert error.get("id") == (None if isinstance(message, str) else message["id"]), error
+                assert int(answer.headers["content-length"]) == len(answer.content)
 
 
 # --- OAuth discovery ----------------------------------------------------------------------------------
