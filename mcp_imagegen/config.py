@@ -92,6 +92,23 @@ class Settings(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=5, description="Retries of one gateway call on retryable errors.")
     discovery_ttl_s: float = Field(default=3600.0, ge=0, description="How long discovered model lists are kept.")
     max_request_body_mb: int = Field(default=64, ge=4, description="Largest request body the HTTP transports take.")
+    request_read_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="HTTP transports: seconds a client may take to send a request's headers, and its body "
+        "beyond what a 16 KiB/s upload needs; slower connections are closed.",
+    )
+    max_sessions_per_client: int = Field(
+        default=64,
+        ge=1,
+        description="HTTP transports: open MCP sessions (or SSE streams) one client may hold; a client is "
+        "a token at a peer address. More get HTTP 429.",
+    )
+    session_idle_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Streamable HTTP: a session with no request in flight for this long is closed.",
+    )
     source: Path | None = Field(default=None, exclude=True, description="The file these settings came from.")
 
     @field_validator("output_dir", mode="after")

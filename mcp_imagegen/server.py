@@ -6,7 +6,8 @@ outlives `settings.tool_deadline_s` returns a job handle instead of an error, an
 in the service's own task group, so no image that was paid for is lost.
 
 Resources: every saved image at `imagegen://images/{id}` (blob, with the image's own MIME type),
-`imagegen://images` (the recent images as JSON), and resources/list lists recent images.
+`imagegen://images` (the recent images as JSON), and resources/list pages through every saved
+image, newest first, with cursors.
 
 (No `from __future__ import annotations` here: the SDK reads the tools' signatures, including
 the `Context` parameter, at registration.)
@@ -25,7 +26,8 @@ from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, CallToolResult, ListResourcesResult, PaginatedRequestParams, ToolAnnotations
 from mcp_types import Resource as MCPResource
 from mcp_types import ResourceTemplate as MCPResourceTemplate
 from pydantic import AnyUrl, Field, ValidationError
@@ -43,6 +45,7 @@ IMAGE_URI_PREFIX = "imagegen://images/"
 IMAGE_TEMPLATE = IMAGE_URI_PREFIX + "{image_id}"
 RECENT_URI = "imagegen://images"
 RECENT_LIMIT = 50
+RESOURCE_PAGE_SIZE = 100  # images per resources/list page
 HEARTBEAT_S = 5.0
 
 INSTRUCTIONS = """\
@@ -374,26 +377,24 @@ class ImageGenServer(MCPServer):
         self._holder = holder
         super().__init__(**kwargs)
 
-    async def list_resources(self) -> list[MCPResource]:
-        listed = await super().list_resources()
+    async def _handle_list_resources(self, ctx: Any, params: PaginatedRequestParams | None) -> ListResourcesResult:
+        """resources/list: the fixed resources, then every saved image, newest first, in pages."""
+        cursor = params.cursor if params is not None else None
+        listed = await super().list_resources() if cursor is None else []
         try:
             service = self._holder.get()
-            records = await on_disk(lambda: service.store.recent(RECENT_LIMIT))
+            records, next_cursor = await on_disk(lambda: service.store.page(cursor, RESOURCE_PAGE_SIZE))
+        except InvalidRequestError as exc:
+            raise MCPError(INVALID_PARAMS, exc.agent_text()) from None
         except Exception:
-            log.warning("could not list recent images", exc_info=True)
-            return listed
-        for r in records:
-            listed.append(
-                MCPResource(
-                    uri=r.uri,
-                    name=r.path.replace("\\", "/").rsplit("/", 1)[-1],
-                    title=_short(r.prompt),
-                    description=f"{r.operation} by {r.model} on {r.endpoint}, {r.width}x{r.height}, {r.created_at}; saved at {r.path}",
-                    mime_type=r.mime_type,
-                    size=r.bytes,
-                )
-            )
-        return listed
+            log.warning("could not list saved images", exc_info=True)
+            return ListResourcesResult(resources=listed)
+        listed.extend(_image_resource(r) for r in records)
+        return ListResourcesResult(resources=listed, next_cursor=next_cursor)
+
+    async def list_resources(self) -> list[MCPResource]:
+        """The first page of resources/list."""
+        return (await self._handle_list_resources(None, None)).resources
 
     async def list_resource_templates(self) -> list[MCPResourceTemplate]:
         templates = await super().list_resource_templates()
@@ -412,6 +413,17 @@ class ImageGenServer(MCPServer):
                 raise ResourceNotFoundError(exc.agent_text()) from None
             return [ReadResourceContents(content=data, mime_type=mime or record.mime_type)]
         return await super().read_resource(uri, context)
+
+
+def _image_resource(r: ImageRecord) -> MCPResource:
+    return MCPResource(
+        uri=r.uri,
+        name=r.path.replace("\\", "/").rsplit("/", 1)[-1],
+        title=_short(r.prompt),
+        description=f"{r.operation} by {r.model} on {r.endpoint}, {r.width}x{r.height}, {r.created_at}; saved at {r.path}",
+        mime_type=r.mime_type,
+        size=r.bytes,
+    )
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -103,6 +103,7 @@ async def serve_stdio_until_done(settings: Any) -> None:
     """Serve over stdin/stdout; when that ends for any reason, finish and save sent work."""
     from mcp.server.stdio import stdio_server
 
+    from .rpc_errors import AnsweringReadStream
     from .server import build_server
     from .service import ImageService
 
@@ -119,7 +120,8 @@ async def serve_stdio_until_done(settings: Any) -> None:
                 tg.start_soon(_cancel_when, stopping, serving)
                 try:
                     async with stdio_server(stdin=anyio.wrap_file(wire), stdout=anyio.wrap_file(wire)) as (r, w):
-                        await lowlevel.run(r, w, lowlevel.create_initialization_options())
+                        # A request the SDK cannot read is answered, not dropped (rpc_errors.py).
+                        await lowlevel.run(AnsweringReadStream(r, w), w, lowlevel.create_initialization_options())
                 except Exception as exc:  # a transport failure ends serving, never the jobs
                     log.warning("stdio transport failed (%s); finishing the work in flight", type(exc).__name__)
             why = "the client closed stdin" if not stopping.is_set() and not wire.broken else (

@@ -8,6 +8,7 @@ between leaves an unrecorded file (still visible to the person) and never a reco
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -52,6 +53,24 @@ def _slug(prompt: str) -> str:
             break
         slug = candidate
     return slug or "image"
+
+
+def _encode_cursor(key: tuple[int, str]) -> str:
+    return base64.urlsafe_b64encode(f"{key[0]}:{key[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        stamp, _, image_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+        key = (int(stamp), image_id)
+    except (ValueError, UnicodeDecodeError):
+        key = (0, "")
+    if not is_valid_id(key[1]):
+        raise InvalidRequestError(
+            "invalid cursor: pass the nextCursor of the previous resources/list answer unchanged, "
+            "or no cursor for the first page"
+        )
+    return key
 
 
 def is_valid_id(image_id: str) -> bool:
@@ -292,30 +311,48 @@ class ImageStore:
 
     def recent(self, limit: int = 50) -> list[ImageRecord]:
         """The newest records first; reads only as many files as it returns (plus any skipped)."""
-        if limit <= 0:
-            return []
+        return self.page(None, limit)[0]
+
+    def _stamped(self) -> list[tuple[int, str]]:
+        """(record time in ns, id) of every record, newest first."""
         try:
             entries = [e for e in os.scandir(self.meta_dir) if e.name.endswith(".json")]
         except OSError:
             return []
-        stamped: list[tuple[int, str, str]] = []
+        stamped: list[tuple[int, str]] = []
         for e in entries:
-            try:
-                stamped.append((e.stat().st_mtime_ns, e.name, e.name[: -len(".json")]))
-            except OSError:
-                continue
-        stamped.sort(reverse=True)
-        out: list[ImageRecord] = []
-        for _, _, image_id in stamped:
+            image_id = e.name[: -len(".json")]
             if not is_valid_id(image_id):
                 continue
             try:
-                out.append(self.get(image_id))
+                stamped.append((e.stat().st_mtime_ns, image_id))
+            except OSError:
+                continue
+        stamped.sort(reverse=True)
+        return stamped
+
+    def page(self, cursor: str | None, limit: int) -> tuple[list[ImageRecord], str | None]:
+        """One page of records, newest first, and the cursor of the next page (None after the last).
+
+        A cursor names the last record handed out by its (record time, id), and a page starts
+        strictly after it: images saved meanwhile sort before it, so paging never repeats or
+        skips an image. Raises InvalidRequestError for a cursor this store did not make.
+        """
+        after = _decode_cursor(cursor) if cursor is not None else None
+        if limit <= 0:
+            return [], None
+        out: list[ImageRecord] = []
+        stamped = self._stamped()
+        for i, key in enumerate(stamped):
+            if after is not None and key >= after:
+                continue
+            try:
+                out.append(self.get(key[1]))
             except InputNotFoundError:
                 continue  # deleted or damaged: not something an agent can use
             if len(out) >= limit:
-                break
-        return out
+                return out, (_encode_cursor(key) if i + 1 < len(stamped) else None)
+        return out, None
 
     def lineage(self, image_id: str, max_depth: int = 4) -> list[ImageRecord]:
         """The image and up to max_depth ancestors (following parent_ids[0]), oldest first.

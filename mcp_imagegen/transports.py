@@ -10,8 +10,11 @@ Both network transports: DNS-rebinding protection (Host and Origin checked) on l
 bearer token checked in constant time on every request when one is set (401 with
 `WWW-Authenticate: Bearer` otherwise); a refusal to serve a non-loopback address without a token
 unless `allow_unauthenticated`; request bodies up to `settings.max_request_body_mb` (413 beyond),
-since `edit_image` arguments can carry base64 images. The image service is made and entered once
-per app in the ASGI lifespan, so background jobs outlive the requests and sessions that started them.
+since `edit_image` arguments can carry base64 images; 404 for OAuth discovery documents (there is
+no OAuth). The image service is made and entered once per app in the ASGI lifespan, so background
+jobs outlive the requests and sessions that started them. What protects them under abuse lives in
+http_guard.py (connections: timeouts, the descriptor cap) and http_sessions.py (sessions per
+client); requests the SDK cannot read are answered by rpc_errors.py, on stdio too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncio
+
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
@@ -31,14 +36,17 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import http_sessions
 from .config import Settings
 from .errors import ConfigError
+from .http_guard import connection_limits, guarded_protocol, install_accept_error_log
 
 log = logging.getLogger("mcp_imagegen.transports")
 
 MCP_PATH = "/mcp"
 SSE_PATH = "/sse"
 MESSAGES_PATH = "/messages/"
+WELL_KNOWN_PREFIX = "/.well-known/"
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -95,6 +103,11 @@ class BearerAuthMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["path"].startswith(WELL_KNOWN_PREFIX):
+            # No OAuth here: a 401 on the discovery documents sends OAuth-capable clients (MCP
+            # Inspector among them) looking for an authorization server that does not exist.
+            await JSONResponse({"error": "not_found"}, status_code=404)(scope, receive, send)
+            return
         header = Headers(scope=scope).get("authorization", "")
         scheme, _, credentials = header.partition(" ")
         given = credentials.strip().encode()
@@ -121,17 +134,29 @@ def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: 
 
     @asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
-        async with service, inner(a) as state:
-            yield state
+        restore = install_accept_error_log(asyncio.get_running_loop())
+        try:
+            async with service, inner(a) as state:
+                yield state
+        finally:
+            restore()
 
     app.router.lifespan_context = lifespan
     app.state.imagegen_service = service  # the drain on SIGTERM needs it (shutdown.py)
     from .shutdown import DrainGate
 
     app.add_middleware(DrainGate, service=service)
+    # Read by uvicorn_config: whoever serves this app gets its connection limits.
+    app.state.connection_limits = connection_limits(settings.request_read_timeout_s)
     if auth_token:
         app.add_middleware(BearerAuthMiddleware, token=auth_token)
     return app
+
+
+def _lowlevel(server: Any) -> Any:
+    # The SDK's low-level Server behind MCPServer: the transports below are assembled here (for
+    # per-client limits and error answers), and they drive it the way MCPServer's own do.
+    return server._lowlevel_server
 
 
 # --- ASGI apps ---------------------------------------------------------------------------------
@@ -161,13 +186,14 @@ def http_app(
 ) -> Starlette:
     """Streamable HTTP at /mcp, with SSE-framed responses so progress notifications flow."""
     service, server = _served(settings, host, auth_token, allow_unauthenticated, service)
-    app = server.streamable_http_app(
-        streamable_http_path=MCP_PATH,
-        json_response=False,
-        stateless_http=stateless,
+    app = http_sessions.streamable_http_app(
+        _lowlevel(server),
+        path=MCP_PATH,
+        stateless=stateless,
         max_request_body_size=_max_body(settings),
-        transport_security=transport_security(host, port),
-        host=host,
+        security=transport_security(host, port),
+        session_idle_timeout_s=settings.session_idle_timeout_s,
+        max_sessions_per_client=settings.max_sessions_per_client,
     )
     return _with_service(app, settings, service, auth_token)
 
@@ -183,12 +209,13 @@ def sse_app(
 ) -> Starlette:
     """Legacy SSE: GET /sse opens the stream, POST /messages/?session_id=... carries requests."""
     service, server = _served(settings, host, auth_token, allow_unauthenticated, service)
-    app = server.sse_app(
+    app = http_sessions.sse_app(
+        _lowlevel(server),
         sse_path=SSE_PATH,
         message_path=MESSAGES_PATH,
         max_request_body_size=_max_body(settings),
-        transport_security=transport_security(host, port),
-        host=host,
+        security=transport_security(host, port),
+        max_streams_per_client=settings.max_sessions_per_client,
     )
     return _with_service(app, settings, service, auth_token)
 
@@ -220,10 +247,12 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
     except ImportError:  # pragma: no cover - uvicorn comes with the SDK's HTTP extras
         raise ConfigError("the HTTP transports need uvicorn: pip install uvicorn") from None
     level = logging.getLogger("mcp_imagegen").getEffectiveLevel()
+    limits = getattr(app.state, "connection_limits", None) or connection_limits(20.0)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=guarded_protocol(limits),  # header and body timeouts, the connection cap (http_guard.py)
         log_config=uvicorn_log_config(),
         log_level="info" if level <= logging.INFO else "warning",
         lifespan="on",
