@@ -331,7 +331,13 @@ def _done_headline(result: GenerationResult, verb: str) -> str:
         extras.append(f"balance {result.balance:g}")
     if extras:
         text += " " + ", ".join(extras).capitalize() + "."
-    text += " Each image below has a preview, a resource link and its saved path; pass its imagegen:// URI to edit_image to change it."
+    vectors = sum(img.mime_type == SVG_MIME for img in result.images)
+    if not vectors:
+        text += " Each image below has a preview, a resource link and its saved path;"
+    else:  # an SVG document is not rendered, and no gateway takes one as an input
+        text += " Each image below has a resource link and its saved path, and a preview unless it is an SVG document;"
+    if vectors < len(result.images):
+        text += " pass its imagegen:// URI to edit_image to change it."
     return text
 
 

@@ -337,6 +337,8 @@ async def test_an_svg_answer_gets_a_text_line_a_link_and_an_svg_resource(
     assert (str(link.uri), link.mime_type, link.size) == (image["uri"], "image/svg+xml", len(saved))
     text = texts(result)
     assert "SVG vector document" in text and image["path"] in text and image["uri"] in text
+    headline = result.content[0].text  # type: ignore[union-attr]
+    assert "a preview unless it is an SVG document" in headline and "edit_image" not in headline
     assert result.structured_content["warnings"] == [] and "left out" not in text
     [content] = read.contents
     assert content.mime_type == "image/svg+xml" and base64.b64decode(content.blob) == saved
