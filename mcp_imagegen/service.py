@@ -19,7 +19,11 @@ import time
 from collections import OrderedDict
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+<<<<<<< HEAD
 from typing import Any
+=======
+from typing import TYPE_CHECKING, Any, Literal
+>>>>>>> emulators
 
 import anyio
 from anyio.abc import TaskGroup
@@ -49,7 +53,11 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
+from .svg import SVG_MIME
 from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
+
+if TYPE_CHECKING:
+    from .images import Output  # Pillow loads with the first image, not at start-up
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -599,7 +607,7 @@ class ImageService:
         )
 
     @staticmethod
-    def _examine(payload: bytes | str, source: str) -> tuple[bytes, str, int, int]:
+    def _examine(payload: bytes | str, source: str) -> tuple[bytes, Output]:
         """Decode and check one received image (CPU work: run in a worker)."""
         from . import images  # Pillow loads with the first image, not at start-up
 
@@ -613,12 +621,12 @@ class ImageService:
         try:
             # Gateway outputs get the cheap checks (PNG CRCs, a JPEG walk at 1/8 scale): the full
             # decode happens once, in the preview.
-            mime, width, height = images.sniff(data, source=source, verify=False)
+            output = images.inspect_output(data, source=source)
         except InvalidRequestError as exc:
             raise BadGatewayResponseError(
                 f"the gateway returned something that is not a usable image: {exc.message}"
             ) from None
-        return data, mime, width, height
+        return data, output
 
     def _as_is_preview(self, data: bytes, n: int) -> tuple[bytes, str] | None:
         from . import images
@@ -646,9 +654,7 @@ class ImageService:
         request = job.request
         source = f"the image from endpoint {route.endpoint.name!r}"
         try:
-            data, mime, width, height = await in_worker_unless_small(
-                lambda: self._examine(payload, source), len(payload)
-            )
+            data, output = await in_worker_unless_small(lambda: self._examine(payload, source), len(payload))
         except BadGatewayResponseError as exc:
             exc.endpoint = route.endpoint.name
             raise
@@ -659,9 +665,10 @@ class ImageService:
         def save() -> ImageRecord:
             return self.store.save(
                 data,
-                mime_type=mime,
-                width=width,
-                height=height,
+                mime_type=output.mime,
+                width=output.width,
+                height=output.height,
+                frames=output.frames,
                 prompt=request.prompt,
                 operation=request.operation,
                 model=route.model.id,
@@ -680,10 +687,18 @@ class ImageService:
                 raise await self._kept_elsewhere(job, route, data, mime, exc) from None
 
         # A small file is its own preview (no thread needed); otherwise the preview's decode and
+<<<<<<< HEAD
         # encode (CPU) overlap the fsync'd write (disk).
         preview_made = self._as_is_preview(data, request.n) if self._make_previews else None
         if preview_made is not None or not self._make_previews:
             record = await save_or_keep()
+=======
+        # encode (CPU) overlap the fsync'd write (disk). An SVG document gets none: it is not rendered.
+        make_previews = self._make_previews and output.mime != SVG_MIME
+        preview_made = self._as_is_preview(data, request.n) if make_previews else None
+        if preview_made is not None or not make_previews:
+            record = await on_disk(save)
+>>>>>>> emulators
         else:
 
             async def make_preview() -> None:
@@ -703,6 +718,11 @@ class ImageService:
             self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:
                 self._previews.popitem(last=False)
+        if output.active_content:
+            job.warnings.append(
+                f"the SVG document saved at {record.path} contains scripts or links to other documents; "
+                "the server never renders it, but open it only in a viewer you trust"
+            )
         job.saved.append(SavedImage.model_validate(record.model_dump()))
         await self._persist(job)  # so a crash from here on still knows this image is the job's
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")

@@ -22,6 +22,7 @@ from PIL import Image
 from mcp_imagegen import heap
 from mcp_imagegen.errors import (
     AuthenticationError,
+    BadGatewayResponseError,
     GatewayError,
     ImageGenError,
     InsufficientBalanceError,
@@ -33,6 +34,7 @@ from mcp_imagegen.service import ImageService
 from mcp_imagegen.work import DISK_THREADS
 from tests.conftest import SECRET_KEY, endpoint_for, make_settings
 from tests.emulators import Fault
+from tests.emulators import images as emu_images
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +77,10 @@ def data_url_bytes(url: str) -> bytes:
 
 # --- generate on every gateway ---------------------------------------------------------------
 
+# These tests are about the server, not the model world: the emulators of gateways whose
+# providers shut these models down (openai, modelmax) still serve them here.
+RETIRED_SERVED: dict[str, dict[str, Any]] = {"openai": {"serve_retired": True}, "modelmax": {"serve_retired": True}}
+
 GENERATE_CASES = [
     ("openai", "gpt-image-1", "1024x1024"),
     ("openai", "dall-e-3", "1792x1024"),
@@ -90,7 +96,7 @@ GENERATE_CASES = [
 async def test_generate_on_each_gateway(
     tmp_path: Path, emulator: Any, provider: str, model: str, size: str | None
 ) -> None:
-    emu = emulator(provider, api_key=SECRET_KEY)
+    emu = emulator(provider, api_key=SECRET_KEY, **RETIRED_SERVED.get(provider, {}))
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest(operation="generate", prompt="a red fox", model=model, size=size))
 
@@ -112,7 +118,7 @@ async def test_generate_on_each_gateway(
 
 
 async def test_gpt_image_never_gets_response_format(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     request = ImageRequest(
         operation="generate",
@@ -143,7 +149,7 @@ async def test_url_answers_are_downloaded_at_once_and_b64_asked_where_possible(t
 
 
 async def test_n_above_the_models_maximum_fans_out_and_says_so(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-3", n=3))
     assert len(result.images) == 3
@@ -161,7 +167,7 @@ async def test_cost_and_balance_are_reported(tmp_path: Path, emulator: Any) -> N
 
 
 async def test_modelmax_usage_and_revised_prompt(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("modelmax", api_key=SECRET_KEY)
+    emu = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(
         settings, ImageRequest(operation="generate", prompt="a lake", knobs={"quality": "hd", "style": "natural"})
@@ -201,7 +207,7 @@ async def test_bad_arguments_fail_before_any_request(
 
 
 async def test_unknown_model_and_endpoint_name_what_exists(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("modelmax", api_key=SECRET_KEY)
+    emu = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     with pytest.raises(ModelNotFoundError, match="imagen-3"):
         await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-9"))
@@ -213,7 +219,7 @@ async def test_unknown_model_and_endpoint_name_what_exists(tmp_path: Path, emula
 
 
 async def test_openai_edit_multipart_one_several_and_mask(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     one = input_image(png(256, 256))
     await run(settings, ImageRequest(operation="edit", prompt="add a hat", model="gpt-image-1", images=[one]))
@@ -295,7 +301,7 @@ async def test_ai_nebula_edit_replays_lineage_as_turns(tmp_path: Path, emulator:
 
 async def test_list_models_merges_manifests_and_discovery(tmp_path: Path, emulator: Any) -> None:
     nano = emulator("nano-gpt", api_key=SECRET_KEY)
-    openai = emulator("openai", api_key=SECRET_KEY)
+    openai = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(nano, key=SECRET_KEY), endpoint_for(openai, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         models, warnings = await service.list_models()
@@ -320,7 +326,7 @@ async def test_documented_errors_become_typed_errors_without_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     nano = emulator("nano-gpt", api_key=SECRET_KEY)
-    mm = emulator("modelmax", api_key=SECRET_KEY)
+    mm = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [endpoint_for(nano, key=SECRET_KEY), endpoint_for(mm, key=SECRET_KEY)],
@@ -355,8 +361,8 @@ async def test_documented_errors_become_typed_errors_without_the_key(
 
 
 async def test_failover_to_another_endpoint_serving_the_model(tmp_path: Path, emulator: Any) -> None:
-    down = emulator("openai", api_key=SECRET_KEY)
-    up = emulator("openai", api_key=SECRET_KEY)
+    down = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    up = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [endpoint_for(down, "primary", key=SECRET_KEY, priority=2), endpoint_for(up, "backup", key=SECRET_KEY)],
@@ -373,7 +379,7 @@ async def test_failover_to_another_endpoint_serving_the_model(tmp_path: Path, em
 
 
 async def test_cancel_drops_unsent_requests_and_saves_the_sent_one(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     # One request at a time: of dall-e-3's two one-image requests, the second waits unsent.
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY, max_concurrency=1)])
     async with ImageService(settings) as service:
@@ -392,7 +398,7 @@ async def test_cancel_drops_unsent_requests_and_saves_the_sent_one(tmp_path: Pat
 
 
 async def test_cancel_before_anything_is_sent_sends_nothing(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY, max_concurrency=1)])
     async with ImageService(settings) as service:
         emu.inject(Fault.delay(1.5))
@@ -413,7 +419,7 @@ async def test_cancel_before_anything_is_sent_sends_nothing(tmp_path: Path, emul
 
 
 async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY, latency_s=0.5)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY, latency_s=0.5)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         job = service.submit(ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
@@ -424,8 +430,8 @@ async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path,
 
 
 async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, emulator: Any) -> None:
-    slow = emulator("openai", api_key=SECRET_KEY, latency_s=0.3)
-    fast = emulator("modelmax", api_key=SECRET_KEY)
+    slow = emulator("openai", serve_retired=True, api_key=SECRET_KEY, latency_s=0.3)
+    fast = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [
@@ -522,3 +528,89 @@ async def test_freed_memory_is_handed_back_once_the_service_is_idle(
         await anyio.sleep(0.3)
     assert len(trims) == 1
     assert trims[0] - done_at >= 0.19
+
+
+# --- answers that are not plain rasters: SVG documents and animated GIFs ----------------------
+
+# gpt-image-2.6 answers `output_format` svg/gif; until the server knows the gpt-image-2 family
+# (issue 12) it adds `response_format`, which the model refuses. "answered" has the same gateway
+# answer those bytes to gpt-image-1, so the server's handling of them is proven either way.
+NOT_RASTER_ROUTES = [
+    "answered",
+    pytest.param(
+        "gpt-image-2.6",
+        marks=pytest.mark.xfail(reason="issue 12: response_format is sent to gpt-image-2.6", strict=True),
+    ),
+]
+
+
+async def _not_raster(tmp_path: Path, emulator: Any, route: str, fmt: str, size: str) -> tuple[Any, Any, bytes]:
+    """Generate one `fmt` answer through the service; (service result, the service, the gateway's bytes)."""
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    w, h = (int(v) for v in size.split("x"))
+    answer = emu_images.render("flat", w, h, fmt)
+    if route == "answered":
+        emu.set_image(answer, times=1)
+        request = ImageRequest(operation="generate", prompt="a fox", model="gpt-image-1", size=size)
+    else:
+        request = ImageRequest(
+            operation="generate", prompt="a fox", model="gpt-image-2.6-flare", size=size, extra={"output_format": fmt}
+        )
+    service = ImageService(make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)]))
+    async with service:
+        result = await service.generate(request)
+        [image] = result.images
+        preview = service.take_preview(image.id)
+    return result, preview, answer
+
+
+@pytest.mark.parametrize("route", NOT_RASTER_ROUTES)
+async def test_an_svg_answer_is_saved_as_svg_with_its_own_size(tmp_path: Path, emulator: Any, route: str) -> None:
+    result, preview, answer = await _not_raster(tmp_path, emulator, route, "svg", "1536x1024")
+    [image] = result.images
+    assert (image.mime_type, image.width, image.height, image.frames) == ("image/svg+xml", 1536, 1024, None)
+    path = Path(image.path)
+    assert path.suffix == ".svg" and path.read_bytes() == answer and image.bytes == len(answer)
+    assert preview is None and result.warnings == []  # not rendered, and nothing failed trying
+
+
+@pytest.mark.parametrize("route", NOT_RASTER_ROUTES)
+async def test_an_animated_gif_is_saved_whole_with_its_frame_count(tmp_path: Path, emulator: Any, route: str) -> None:
+    result, preview, answer = await _not_raster(tmp_path, emulator, route, "gif", "1024x1536")
+    [image] = result.images
+    assert (image.mime_type, image.width, image.height) == ("image/gif", 1024, 1536)
+    assert image.frames == emu_images.GIF_FRAMES > 1
+    assert Path(image.path).read_bytes() == answer  # never re-encoded
+    data, mime = preview
+    with Image.open(io.BytesIO(data)) as first:  # the first frame's background, not a later one's
+        first = first.convert("RGB")
+        assert mime in ("image/jpeg", "image/png") and not getattr(first, "is_animated", False)
+        r, g, b = first.getpixel((first.width - 4, 4))
+        assert abs(r - 52) < 12 and abs(g - 101) < 12 and abs(b - 164) < 12
+
+
+async def test_a_hostile_svg_is_saved_with_a_warning_and_never_followed(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    hostile = (
+        b'<?xml version="1.0"?>\n<!DOCTYPE svg [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">'
+        b'<!ENTITY ext SYSTEM "' + emu.origin.encode() + b'/files/leak">]>\n'
+        b'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="64" '
+        b'height="48" onload="alert(1)"><text>&b;&ext;</text>'
+        b'<image xlink:href="' + emu.origin.encode() + b'/files/tracker.png"/><script>fetch("/x")</script></svg>'
+    )
+    emu.set_image(hostile, times=1)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(settings, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
+    [image] = result.images
+    assert (image.mime_type, image.width, image.height) == ("image/svg+xml", 64, 48)
+    assert Path(image.path).read_bytes() == hostile
+    assert any("scripts or links" in w and image.path in w for w in result.warnings)
+    assert not emu.requests_to("/files/")  # nothing it points at was fetched
+
+
+async def test_a_truncated_svg_answer_is_a_bad_gateway_answer(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    emu.set_image(emu_images.render("flat", 256, 256, "svg")[:-40], times=1)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    with pytest.raises(BadGatewayResponseError, match="truncated SVG"):
+        await run(settings, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
