@@ -19,11 +19,7 @@ import time
 from collections import OrderedDict
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-<<<<<<< HEAD
-from typing import Any
-=======
-from typing import TYPE_CHECKING, Any, Literal
->>>>>>> emulators
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -687,18 +683,11 @@ class ImageService:
                 raise await self._kept_elsewhere(job, route, data, mime, exc) from None
 
         # A small file is its own preview (no thread needed); otherwise the preview's decode and
-<<<<<<< HEAD
-        # encode (CPU) overlap the fsync'd write (disk).
-        preview_made = self._as_is_preview(data, request.n) if self._make_previews else None
-        if preview_made is not None or not self._make_previews:
-            record = await save_or_keep()
-=======
         # encode (CPU) overlap the fsync'd write (disk). An SVG document gets none: it is not rendered.
         make_previews = self._make_previews and output.mime != SVG_MIME
         preview_made = self._as_is_preview(data, request.n) if make_previews else None
         if preview_made is not None or not make_previews:
-            record = await on_disk(save)
->>>>>>> emulators
+            record = await save_or_keep()
         else:
 
             async def make_preview() -> None:
