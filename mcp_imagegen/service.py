@@ -680,7 +680,7 @@ class ImageService:
             try:
                 return await on_disk(save)
             except ImageGenError as exc:  # the folder filled up or went away since the check
-                raise await self._kept_elsewhere(job, route, data, mime, exc) from None
+                raise await self._kept_elsewhere(job, route, data, output.mime, exc) from None
 
         # A small file is its own preview (no thread needed); otherwise the preview's decode and
         # encode (CPU) overlap the fsync'd write (disk). An SVG document gets none: it is not rendered.

@@ -245,7 +245,7 @@ class _Spawned:
 
 @pytest.fixture
 def gateway(emulator: Any) -> Iterator[Emulator]:
-    emu = emulator("openai")
+    emu = emulator("openai", serve_retired=True)
     emu.hold()
     try:
         yield emu

@@ -77,7 +77,7 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
 async def test_read_only_output_folder_is_refused_before_anything_is_sent(
     read_only_folder: Path, emulator: Any
 ) -> None:
-    emu = emulator("openai")
+    emu = emulator("openai", serve_retired=True)
     with pytest.raises(OSError):  # really read-only, even for root
         (read_only_folder / "probe").write_bytes(b"x")
     is_error, text = await call(settings_for(read_only_folder, emu))
@@ -90,7 +90,7 @@ async def test_read_only_output_folder_is_refused_before_anything_is_sent(
 async def test_full_output_folder_is_refused_before_anything_is_sent(
     tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    emu = emulator("openai")
+    emu = emulator("openai", serve_retired=True)
     free_mib = shutil.disk_usage(tmp_path).free // (1024 * 1024)
     monkeypatch.setenv(MIN_FREE_ENV, str(free_mib * 2 + 1024))  # more than the disk has
     is_error, text = await call(settings_for(tmp_path / "out", emu))
@@ -114,7 +114,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 async def test_a_save_that_fails_anyway_keeps_the_bytes_and_says_why(
     tmp_path: Path, tiny_disk: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    emu = emulator("openai", image_kind="photo")  # megabytes per image: more than the disk holds
+    emu = emulator("openai", serve_retired=True, image_kind="photo")  # megabytes per image: more than the disk holds
     monkeypatch.setenv(MIN_FREE_ENV, "0")  # the check passes; the disk fills during the save
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     is_error, text = await call(settings_for(tiny_disk, emu))
