@@ -66,6 +66,9 @@ class ModelCatalog:
         self._gateway = gateway
         self._discovered: dict[str, _Discovered] = {}
         self._tried: set[str] = set()  # endpoints whose discovery was attempted (even if it failed)
+        # (endpoint, model) -> when the gateway said the model is not there: not sent again
+        # until discovery is due again (a second try would only fail the same way).
+        self._gone: dict[tuple[str, str], float] = {}
         self.learned = learned or LearnedFacts(None)
 
     # --- what is true of a model ---------------------------------------------------------------
@@ -209,10 +212,11 @@ class ModelCatalog:
         need = _needed(operation, has_mask, n_images)
         candidates = self._ordered(endpoint)
         for ep in candidates:
-            # Discovery is asked (once) when the static list cannot answer: a model it does not
-            # name, or no model and no current default in the manifest.
-            static = self._served_ids(ep)
-            if (model and model not in static) or (not model and not load_manifest(ep.provider).default_model):
+            # Discovery is asked (once per TTL) when the static list cannot answer: a model it
+            # does not name, or no model (the default follows what the gateway serves now).
+            manifest = load_manifest(ep.provider)
+            unnamed = model is not None and model not in self._served_ids(ep)
+            if unnamed or (model is None and (manifest.default_preference or not manifest.default_model)):
                 await self._discover_once(ep)
         routes: list[Route] = []
         if model:
@@ -221,7 +225,7 @@ class ModelCatalog:
                 belief = self._find(ep, model)
                 if belief is None:
                     continue
-                if belief.shut_down():
+                if belief.shut_down() or self._said_gone(ep, model):
                     gone.append((ep, belief))
                     continue
                 routes.append(Route(ep, load_manifest(ep.provider), belief))
@@ -280,8 +284,23 @@ class ModelCatalog:
                 return chosen
         return served[0] if served else None
 
+    def mark_gone(self, endpoint: EndpointConfig, model_id: str) -> None:
+        """The gateway answered that the model does not exist (or no longer does)."""
+        self._gone[(endpoint.name, model_id)] = time.monotonic()
+
+    def _said_gone(self, endpoint: EndpointConfig, model_id: str) -> bool:
+        said = self._gone.get((endpoint.name, model_id))
+        return said is not None and time.monotonic() - said < self._settings.discovery_ttl_s
+
     def _shut_down_message(self, model: str, gone: list[tuple[EndpointConfig, Belief]], need: set[Capability]) -> str:
         ep, belief = gone[0]
+        if not belief.shut_down():
+            instead = self.replacement_for(ep, need, model)
+            use = f"; use model {instead!r} instead" if instead else ""
+            return (
+                f"model {model!r} is not available on endpoint {ep.name!r}: the gateway answered that it does "
+                f"not exist or was shut down{use}"
+            )
         instead = None
         replacement = belief.spec.replacement
         if replacement:

@@ -366,6 +366,13 @@ def prepare(
             f"(it was refused by the gateway or is documented as not taken)"
         )
 
+    for name, value in extra.items():
+        allowed = model.accepted_values.get(name)
+        if allowed is not None and value not in allowed:
+            raise InvalidRequestError(
+                f"{name}={value!r} is not taken by {model.id}{where}; use one of: {', '.join(map(str, allowed))}"
+            )
+
     # --- edits: inputs and mask ---
     inputs: InputSpec | None = op_spec.inputs if op_spec is not None else None
     mask_semantics: MaskSemantics | None = None

@@ -129,6 +129,7 @@ def apply_lessons(fields: Mapping[str, Any], lessons: Iterable[Lesson]) -> dict[
     refused = list(fields.get("refused_fields") or [])
     knobs = fields.get("knobs")
     overrides = dict(fields.get("knob_overrides") or {})
+    accepted = dict(fields.get("accepted_values") or {})
     for lesson in lessons:
         name = lesson.field
         if lesson.refused:
@@ -155,6 +156,9 @@ def apply_lessons(fields: Mapping[str, Any], lessons: Iterable[Lesson]) -> dict[
             if knobs is not None and name not in knobs:
                 knobs = [*knobs, name]
                 out["knobs"] = knobs
+        elif lesson.values is not None:
+            accepted[name] = list(lesson.values)
+            out["accepted_values"] = accepted
     return out
 
 

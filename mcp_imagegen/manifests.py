@@ -143,6 +143,8 @@ class ModelSpec(_Strict):
     knob_overrides: dict[str, ParamSpec] = Field(default_factory=dict)
     response_format: bool | None = None  # True: takes it; False: rejects it (gpt-image); None: unknown
     refused_fields: list[str] = Field(default_factory=list)  # wire fields the model is known to refuse
+    # Values known to be taken by wire fields that have no canonical knob (passed in `extra`).
+    accepted_values: dict[str, list[Any]] = Field(default_factory=dict)
     edit_formats: list[str] | None = None  # input formats the edit accepts, if narrower
     edit_square: bool = False  # dall-e-2 edits want a square image
     shutdown_date: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")  # the provider's date

@@ -38,7 +38,7 @@ Provenance = Literal["manifest", "family", "discovered", "learned", "configured"
 # What is assumed of a model nothing is known about: every operation may work (the gateway
 # judges), and one image per request, which every gateway takes (n is reached by parallel calls).
 GENERIC: dict[str, Any] = {"capabilities": list(CAPABILITIES), "max_n": 1}
-_DICT_FIELDS = frozenset({"knob_overrides"})
+_DICT_FIELDS = frozenset({"knob_overrides", "accepted_values"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,11 @@ def _family_fields(fam: Family) -> dict[str, Any]:
 
 
 def _merge_into(fields: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    # A list of sizes and a size rule are one fact: a layer that states one replaces both.
+    if "sizes" in layer and "size_rule" not in layer:
+        fields["size_rule"] = None
+    elif "size_rule" in layer and "sizes" not in layer:
+        fields["sizes"] = None
     for name, value in layer.items():
         if name in _DICT_FIELDS and isinstance(value, dict):
             fields[name] = {**fields.get(name, {}), **value}

@@ -342,6 +342,7 @@ class ImageService:
     async def _name_what_works(self, job: Job, route: Route, exc: ModelNotFoundError) -> None:
         """Re-read the endpoint's models (the one asked for may be gone) and name one that works."""
         ep = route.endpoint
+        self._catalog.mark_gone(ep, route.model.id)
         try:
             await self._catalog.refresh(ep, force=True)
         except ImageGenError:

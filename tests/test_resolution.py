@@ -91,6 +91,11 @@ def test_complexity_and_svg_only_on_2_6() -> None:
     oc = load_manifest("openai-compatible")
     six = resolve("gpt-image-2.6-flare", oc).spec
     assert "complexity" not in six.refused_fields
+    assert prepare(gen(extra={"complexity": "high"}), oc, six).extra == {"complexity": "high"}
+    with pytest.raises(InvalidRequestError, match="low, medium, high"):
+        prepare(gen(extra={"complexity": "extreme"}), oc, six)
+    with pytest.raises(InvalidRequestError, match="complexity"):
+        prepare(gen(extra={"complexity": "high"}), oc, resolve("gpt-image-2.5-flare", oc).spec)
     assert "svg" in (six.knob_overrides["output_format"].enum or [])
     two = resolve("gpt-image-2", oc).spec
     assert "svg" not in (two.knob_overrides["output_format"].enum or [])
