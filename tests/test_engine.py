@@ -75,6 +75,10 @@ def data_url_bytes(url: str) -> bytes:
 
 # --- generate on every gateway ---------------------------------------------------------------
 
+# These tests are about the server, not the model world: the emulators of gateways whose
+# providers shut these models down (openai, modelmax) still serve them here.
+RETIRED_SERVED: dict[str, dict[str, Any]] = {"openai": {"serve_retired": True}, "modelmax": {"serve_retired": True}}
+
 GENERATE_CASES = [
     ("openai", "gpt-image-1", "1024x1024"),
     ("openai", "dall-e-3", "1792x1024"),
@@ -90,7 +94,7 @@ GENERATE_CASES = [
 async def test_generate_on_each_gateway(
     tmp_path: Path, emulator: Any, provider: str, model: str, size: str | None
 ) -> None:
-    emu = emulator(provider, api_key=SECRET_KEY)
+    emu = emulator(provider, api_key=SECRET_KEY, **RETIRED_SERVED.get(provider, {}))
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest(operation="generate", prompt="a red fox", model=model, size=size))
 
@@ -112,7 +116,7 @@ async def test_generate_on_each_gateway(
 
 
 async def test_gpt_image_never_gets_response_format(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     request = ImageRequest(
         operation="generate",
@@ -143,7 +147,7 @@ async def test_url_answers_are_downloaded_at_once_and_b64_asked_where_possible(t
 
 
 async def test_n_above_the_models_maximum_fans_out_and_says_so(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-3", n=3))
     assert len(result.images) == 3
@@ -161,7 +165,7 @@ async def test_cost_and_balance_are_reported(tmp_path: Path, emulator: Any) -> N
 
 
 async def test_modelmax_usage_and_revised_prompt(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("modelmax", api_key=SECRET_KEY)
+    emu = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(
         settings, ImageRequest(operation="generate", prompt="a lake", knobs={"quality": "hd", "style": "natural"})
@@ -201,7 +205,7 @@ async def test_bad_arguments_fail_before_any_request(
 
 
 async def test_unknown_model_and_endpoint_name_what_exists(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("modelmax", api_key=SECRET_KEY)
+    emu = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     with pytest.raises(ModelNotFoundError, match="imagen-3"):
         await run(settings, ImageRequest(operation="generate", prompt="x", model="dall-e-9"))
@@ -213,7 +217,7 @@ async def test_unknown_model_and_endpoint_name_what_exists(tmp_path: Path, emula
 
 
 async def test_openai_edit_multipart_one_several_and_mask(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     one = input_image(png(256, 256))
     await run(settings, ImageRequest(operation="edit", prompt="add a hat", model="gpt-image-1", images=[one]))
@@ -295,7 +299,7 @@ async def test_ai_nebula_edit_replays_lineage_as_turns(tmp_path: Path, emulator:
 
 async def test_list_models_merges_manifests_and_discovery(tmp_path: Path, emulator: Any) -> None:
     nano = emulator("nano-gpt", api_key=SECRET_KEY)
-    openai = emulator("openai", api_key=SECRET_KEY)
+    openai = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(nano, key=SECRET_KEY), endpoint_for(openai, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         models, warnings = await service.list_models()
@@ -320,7 +324,7 @@ async def test_documented_errors_become_typed_errors_without_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     nano = emulator("nano-gpt", api_key=SECRET_KEY)
-    mm = emulator("modelmax", api_key=SECRET_KEY)
+    mm = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [endpoint_for(nano, key=SECRET_KEY), endpoint_for(mm, key=SECRET_KEY)],
@@ -355,8 +359,8 @@ async def test_documented_errors_become_typed_errors_without_the_key(
 
 
 async def test_failover_to_another_endpoint_serving_the_model(tmp_path: Path, emulator: Any) -> None:
-    down = emulator("openai", api_key=SECRET_KEY)
-    up = emulator("openai", api_key=SECRET_KEY)
+    down = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    up = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [endpoint_for(down, "primary", key=SECRET_KEY, priority=2), endpoint_for(up, "backup", key=SECRET_KEY)],
@@ -373,7 +377,7 @@ async def test_failover_to_another_endpoint_serving_the_model(tmp_path: Path, em
 
 
 async def test_cancel_keeps_images_already_received(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         emu.inject(Fault.delay(30))  # one of the two fanned-out requests hangs
@@ -390,7 +394,7 @@ async def test_cancel_keeps_images_already_received(tmp_path: Path, emulator: An
 
 
 async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path, emulator: Any) -> None:
-    emu = emulator("openai", api_key=SECRET_KEY, latency_s=0.5)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY, latency_s=0.5)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         job = service.submit(ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
@@ -401,8 +405,8 @@ async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path,
 
 
 async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, emulator: Any) -> None:
-    slow = emulator("openai", api_key=SECRET_KEY, latency_s=0.3)
-    fast = emulator("modelmax", api_key=SECRET_KEY)
+    slow = emulator("openai", serve_retired=True, api_key=SECRET_KEY, latency_s=0.3)
+    fast = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [

@@ -53,7 +53,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def openai_emulator() -> Iterator[OpenAIEmulator]:
     """One emulator for the module (starting one costs a thread and a port); reset per test."""
-    emu = OpenAIEmulator().start()
+    emu = OpenAIEmulator(serve_retired=True).start()  # gpt-image-1, the manifest's default, still served
     try:
         yield emu
     finally:

@@ -395,7 +395,7 @@ async def test_sse_round_trip_with_token(tmp_path: Path) -> None:
 @pytest.mark.parametrize("transport", ["http", "sse"])
 async def test_slow_generation_is_recovered_over_the_network(tmp_path: Path, emulator: Any, transport: str) -> None:
     """A generation that outlives the call returns a handle; get_image collects the image later."""
-    slow = emulator("openai", api_key=TOKEN, latency_s=2.0)
+    slow = emulator("openai", serve_retired=True, api_key=TOKEN, latency_s=2.0)
     endpoint = EndpointConfig(name="slow", provider="openai", base_url=slow.base_url, api_key=SecretStr(TOKEN))
     settings = settings_for(tmp_path, endpoints=[endpoint], tool_deadline_s=0.5)
     server = http_server if transport == "http" else sse_server

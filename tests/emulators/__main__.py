@@ -1,7 +1,7 @@
 """Run one emulator in the foreground:
 
     python -m tests.emulators nano-gpt --port 8000 [--latency 1.0] [--image photo|flat] [--api-key K]
-                                  [--no-auth] [--warm 1024x1024,1536x1024]
+                                  [--no-auth] [--warm 1024x1024,1536x1024] [--serve-retired]
 
 Prints the base URL on stderr once listening, and `READY <base_url>` on stdout (flushed), so a
 benchmark can start it as a subprocess and wait for that line.
@@ -35,11 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated WxH sizes to pre-render before READY, e.g. 1024x1024,1536x1024",
     )
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a key")
+    parser.add_argument(
+        "--serve-retired",
+        action="store_true",
+        help="openai, modelmax: still serve the models their providers shut down (gpt-image-1, imagen-3, ...)",
+    )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
 
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    extra = {"serve_retired": True} if args.serve_retired else {}
     emu = EMULATORS[args.provider](
+        **extra,
         api_key=args.api_key,
         auth_required=False if args.no_auth else None,
         latency_s=args.latency,

@@ -4,6 +4,8 @@ Success: HTTP 200 {"code":200,"msg":"Success","data":{"data":[{"url","b64_json",
 "created"}} where the unused field is an empty string, not absent.
 Errors: {"code":<int>,"msg":"...","data":null}; business errors (bad field, unknown model, bad
 contents) come with HTTP 200, auth failures with HTTP 401, injected statuses with that status.
+gemini-3.5-flash-image-preview is a model no manifest names; Imagen 3 and 4, discontinued by
+Google, answer a business error 404 saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from . import images
 from .base import Call, Emulator, Fault, GatewayError, Handler, Reply
 
 FIELDS = frozenset({"model", "prompt", "response_format", "contents"})
-MODELS = ("gemini-2.5-flash-image-preview", "gemini-3-pro-image-preview")
+MODELS = ("gemini-2.5-flash-image-preview", "gemini-3-pro-image-preview", "gemini-3.5-flash-image-preview")
+DISCONTINUED = {  # model -> the day Google discontinued it
+    "imagen-3.0-generate-002": "2025-11-10",
+    "imagen-4.0-generate-001": "2026-08-17",
+    "imagen-4.0-ultra-generate-001": "2026-08-17",
+}
 
 
 class AiNebulaEmulator(Emulator):
@@ -74,6 +81,10 @@ class AiNebulaEmulator(Emulator):
             raise self.business(400, "model is required")
         if not isinstance(model, str):
             raise self.business(400, "model must be a string")
+        if model in DISCONTINUED:
+            raise self.business(
+                404, f"Model {model} was discontinued by the upstream provider on {DISCONTINUED[model]}"
+            )
         if model not in MODELS:
             raise self.business(404, f"Model not found: {model}")
         prompt = body.get("prompt")

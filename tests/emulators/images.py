@@ -16,15 +16,17 @@ from typing import Literal, NamedTuple
 from PIL import Image, ImageDraw
 
 ImageKind = Literal["flat", "photo"]
-ImageFormat = Literal["png", "jpeg", "webp"]
+ImageFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
 
 MIME_TYPES: dict[str, str] = {
     "png": "image/png",
     "jpeg": "image/jpeg",
     "webp": "image/webp",
     "gif": "image/gif",
+    "svg": "image/svg+xml",
 }
-EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp", "gif": "gif"}
+EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp", "gif": "gif", "svg": "svg"}
+GIF_FRAMES = 4  # frames in an animated answer (gpt-image-2.6 `output_format: gif`)
 
 # Distinct background colours so that the n images of one answer are not byte-identical.
 _PALETTE = [(52, 101, 164), (204, 0, 0), (78, 154, 6), (196, 160, 0), (117, 80, 123)]
@@ -56,6 +58,28 @@ def flat(width: int, height: int, variant: int = 0, transparent: bool = False) -
     draw.rectangle((w // 8, h // 8, w // 2, h // 2), fill=(255, 255, 255, 255) if transparent else (255, 255, 255))
     draw.ellipse((w // 2, h // 2, w - w // 8, h - h // 8), fill=(20, 20, 20, 255) if transparent else (20, 20, 20))
     return img
+
+
+def svg_document(width: int, height: int, variant: int = 0) -> bytes:
+    """A small vector answer as a gateway sends it: an XML prolog, then an <svg> with a viewBox."""
+    r, g, b = _PALETTE[variant % len(_PALETTE)]
+    w, h = width, height
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">\n'
+        f'  <rect width="{w}" height="{h}" fill="rgb({r},{g},{b})"/>\n'
+        f'  <rect x="{w // 8}" y="{h // 8}" width="{w // 2 - w // 8}" height="{h // 2 - h // 8}" fill="#ffffff"/>\n'
+        f'  <circle cx="{w * 11 // 16}" cy="{h * 11 // 16}" r="{min(w, h) * 3 // 16}" fill="#141414"/>\n'
+        "</svg>\n"
+    ).encode()
+
+
+def animated_gif(width: int, height: int, variant: int = 0, frames: int = GIF_FRAMES) -> bytes:
+    """An animated GIF of `frames` frames, each a different colour, looping forever."""
+    pictures = [flat(width, height, variant + i).convert("P", palette=Image.Palette.ADAPTIVE) for i in range(frames)]
+    buf = io.BytesIO()
+    pictures[0].save(buf, "GIF", save_all=True, append_images=pictures[1:], duration=120, loop=0)
+    return buf.getvalue()
 
 
 def encode(img: Image.Image, fmt: str = "png", quality: int | None = None) -> bytes:
@@ -95,6 +119,12 @@ def render(
     with lock:
         cached = _cache.get(key)
         if cached is None:
+            if fmt == "svg":  # vector and animated answers look alike whatever the image kind
+                cached = _cache[key] = svg_document(width, height, variant)
+                return cached
+            if fmt == "gif":
+                cached = _cache[key] = animated_gif(width, height, variant)
+                return cached
             if kind == "photo":
                 img = photo_like(width, height, transparent)
             elif kind == "flat":
@@ -115,6 +145,9 @@ def sniff(data: bytes) -> str | None:
         return "webp"
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
+    head = data[:512].lstrip()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "svg"
     return None
 
 
@@ -153,7 +186,7 @@ def parse_data_url(value: object) -> tuple[str, bytes]:
         data = base64.b64decode(m.group(2), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("invalid base64 data") from None
-    if sniff(data) is None:
+    if sniff(data) in (None, "svg"):
         raise ValueError("the data is not a PNG, JPEG, WebP or GIF image")
     return m.group(1).lower(), data
 

@@ -1,4 +1,5 @@
-"""llm.vin: flux-1 behind POST /v1/images/generations, url answers only, auth optional.
+"""llm.vin: flux-1 and flux-2.5-pro (a model no manifest names) behind POST
+/v1/images/generations, url answers only, auth optional.
 
 Callers without a key share a lower rate limit than callers with one; over the limit they get
 429 with Retry-After. A wrong key is always 401.
@@ -15,7 +16,10 @@ from typing import Any, ClassVar
 from .base import Call, Emulator, GatewayError, Handler, Reply, is_int, is_number, parse_size
 
 FIELDS = frozenset({"model", "prompt", "n", "size", "guidance_scale", "num_inference_steps"})
-MODELS = {"flux-1": {"sizes": ("1024x1024", "1024x1792", "1792x1024"), "max_n": 4}}
+MODELS = {
+    "flux-1": {"sizes": ("1024x1024", "1024x1792", "1792x1024"), "max_n": 4},
+    "flux-2.5-pro": {"sizes": ("1024x1024", "1536x1024", "1024x1536", "2048x2048"), "max_n": 1},
+}
 
 
 class LlmVinEmulator(Emulator):

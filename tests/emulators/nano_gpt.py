@@ -3,7 +3,11 @@
 b64_json by default; `response_format: "url"` gives a signed URL, or b64_json when the presign
 "fails" (`url_fallback=True` or `Fault.url_fallback()`). Every answer carries cost, paymentSource
 and remainingBalance. Insufficient balance uses the legacy body {"error": "...", "status": 402}.
-Discovery: GET /api/v1/image-models?detailed=true at the origin, auth optional.
+Discovery: GET /api/v1/image-models?detailed=true at the origin, auth optional. Each model carries
+nano-gpt's capability flags (image_generation, image_to_image, inpainting, nsfw; `multi_image` only
+where the listing states it), the legacy `resolutions` / `max_images` pair, and typed parameter
+schemas ({"type": "enum", "values", "default"}, {"type": "range", "min", "max", "default"},
+{"type": "boolean"}). seedream-5.0 is a model no manifest names.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from . import images
 from .base import Call, Emulator, GatewayError, Handler, Reply, is_int, is_number, parse_size
 
 MAX_DATA_URL_CHARS = 4_000_000
+_TOKEN_SIZES = {"auto": (1024, 1024), "2K": (2048, 2048), "4K": (4096, 4096)}  # sizes that are not WxH
 UNLIMITED_BALANCE = 999_999.0
 FIELDS = frozenset(
     {
@@ -33,9 +38,19 @@ FIELDS = frozenset(
         "num_inference_steps",
         "seed",
         "kontext_max_mode",
+        "quality",
     }
 )
-KNOBS = ("strength", "guidance_scale", "num_inference_steps", "seed", "kontext_max_mode")
+KNOBS = ("strength", "guidance_scale", "num_inference_steps", "seed", "kontext_max_mode", "quality")
+# Typed schema of each knob, as the detailed listing gives it.
+KNOB_SCHEMAS: dict[str, dict[str, Any]] = {
+    "strength": {"type": "range", "min": 0, "max": 1, "default": 0.8},
+    "guidance_scale": {"type": "range", "min": 0, "max": 20, "default": 7.5},
+    "num_inference_steps": {"type": "range", "min": 1, "max": 100, "default": 30},
+    "seed": {"type": "range", "min": 0, "max": 4294967295},
+    "kontext_max_mode": {"type": "boolean", "default": False},
+    "quality": {"type": "enum", "values": ["low", "medium", "high", "auto"], "default": "auto"},
+}
 
 
 @dataclass(frozen=True)
@@ -52,14 +67,21 @@ class NanoModel:
     knobs: frozenset[str]  # which of KNOBS the model takes
     price: float  # USD per image
     requires_mask: bool = False
+    states_multi_image: bool = False  # whether the listing says `multi_image` (most entries do not)
+    created: int = 1735689600
+    owned_by: str = "nano-gpt"
 
     def capabilities(self) -> dict[str, bool]:
-        return {
+        caps = {
+            "image_generation": self.text_to_image,
             "text_to_image": self.text_to_image,
             "image_to_image": self.image_to_image,
             "inpainting": self.inpainting,
-            "multi_image": self.max_input_images > 1,
+            "nsfw": False,
         }
+        if self.states_multi_image:
+            caps["multi_image"] = self.max_input_images > 1
+        return caps
 
 
 MODELS: dict[str, NanoModel] = {
@@ -105,7 +127,7 @@ MODELS: dict[str, NanoModel] = {
             0.035,
             requires_mask=True,
         ),
-        NanoModel(
+        NanoModel(  # OpenAI shut it down; nano-gpt still routes it to a provider that serves it
             "gpt-image-1",
             "GPT Image 1",
             "OpenAI gpt-image-1: generation and multi-image editing.",
@@ -117,6 +139,38 @@ MODELS: dict[str, NanoModel] = {
             8,
             frozenset(),
             0.04,
+        ),
+        NanoModel(
+            "gpt-image-2",
+            "GPT Image 2",
+            "OpenAI gpt-image-2: generation and editing with up to 16 reference images.",
+            ("auto", "1024x1024", "1536x1024", "1024x1536", "2048x2048", "3840x2160", "2160x3840"),
+            4,
+            True,
+            True,
+            False,
+            16,
+            frozenset({"quality"}),
+            0.06551,
+            states_multi_image=True,
+            created=1776729600,
+            owned_by="openai",
+        ),
+        NanoModel(  # no manifest names it: what nano-gpt says about it is all there is
+            "seedream-5.0",
+            "Seedream 5.0",
+            "ByteDance Seedream 5.0: 2K/4K generation and editing with up to 14 reference images.",
+            ("2K", "4K", "2048x2048", "2304x1728", "1728x2304", "2560x1440", "1440x2560"),
+            4,
+            True,
+            True,
+            False,
+            14,
+            frozenset({"seed", "guidance_scale"}),
+            0.03,
+            states_multi_image=True,
+            created=1794960000,
+            owned_by="bytedance",
         ),
     )
 }
@@ -186,33 +240,46 @@ class NanoGptEmulator(Emulator):
         for m in MODELS.values():
             entry: dict[str, Any] = {"id": m.id, "name": m.name, "object": "model"}
             if detailed:
-                params: dict[str, Any] = {
-                    "resolutions": list(m.resolutions),
-                    "n": {"min": 1, "max": m.max_n},
-                    "max_input_images": m.max_input_images,
-                }
-                if m.requires_mask:
-                    params["mask"] = {"required": True, "white_area": "edit"}
-                ranges = {
-                    "strength": {"min": 0, "max": 1},
-                    "guidance_scale": {"min": 0, "max": 20},
-                    "num_inference_steps": {"min": 1, "max": 100},
-                    "seed": {"type": "integer"},
-                    "kontext_max_mode": {"type": "boolean"},
-                }
-                for knob in KNOBS:
-                    if knob in m.knobs:
-                        params[knob] = ranges[knob]
-                entry.update(
-                    {
-                        "description": m.description,
-                        "capabilities": m.capabilities(),
-                        "supported_parameters": params,
-                        "pricing": {"per_image": m.price, "currency": "USD"},
-                    }
-                )
+                entry.update(self._details(m))
             data.append(entry)
-        return Reply(200, {"object": "list", "data": data})
+        meta = {"count": len(data), "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        return Reply(200, {"object": "list", "data": data, "meta": meta})
+
+    def _details(self, m: NanoModel) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "resolutions": list(m.resolutions),
+            "max_images": m.max_n,
+            "resolution": {"type": "enum", "values": list(m.resolutions), "default": m.resolutions[0]},
+            "n": {"type": "range", "min": 1, "max": m.max_n, "default": 1},
+        }
+        if m.max_input_images:
+            params["max_input_images"] = m.max_input_images
+        if m.requires_mask:
+            params["mask"] = {"required": True, "white_area": "edit"}
+        for knob in KNOBS:
+            if knob in m.knobs:
+                params[knob] = KNOB_SCHEMAS[knob]
+        inputs = ["text", "image"] if m.max_input_images else ["text"]
+        details: dict[str, Any] = {
+            "created": m.created,
+            "owned_by": m.owned_by,
+            "description": m.description,
+            "architecture": {
+                "modality": "+".join(inputs) + "->image",
+                "input_modalities": inputs,
+                "output_modalities": ["image"],
+            },
+            "capabilities": m.capabilities(),
+            "supported_parameters": params,
+            "pricing": {"per_image": m.price, "currency": "USD"},
+        }
+        if m.max_input_images:
+            details["input_reference_constraints"] = {
+                "max_items": m.max_input_images,
+                "max_bytes": MAX_DATA_URL_CHARS,
+                "formats": ["png", "jpeg", "webp"],
+            }
+        return details
 
     # -- generations ------------------------------------------------------------------------------
 
@@ -289,7 +356,7 @@ class NanoGptEmulator(Emulator):
         cost = round(model.price * n, 6)
         if self.balance is not None and self.balance < cost:
             raise GatewayError(402, "Insufficient balance")
-        width, height = (1024, 1024) if size == "auto" else parse_size(size)
+        width, height = _TOKEN_SIZES.get(size) or parse_size(size)
         data = await self.make_images(call, n=n, width=width, height=height, response_format=response_format)
         if self.balance is not None:
             self.balance = round(self.balance - cost, 6)
@@ -321,3 +388,5 @@ class NanoGptEmulator(Emulator):
                 raise self.bad("seed must be an integer")
             if knob == "kontext_max_mode" and not isinstance(value, bool):
                 raise self.bad("kontext_max_mode must be a boolean")
+            if knob == "quality" and value not in KNOB_SCHEMAS["quality"]["values"]:
+                raise self.bad(f"quality must be one of: {', '.join(KNOB_SCHEMAS['quality']['values'])}")

@@ -1,7 +1,11 @@
-"""NexLLM: a new-api style relay in front of OpenAI and Vertex AI.
+"""NexLLM: a new-api style relay in front of OpenAI, an older DALL-E channel and Vertex AI.
 
-Same Images API as OpenAI for dall-e-3 / dall-e-2 (the upstream's validation errors come back
-unchanged), plus Imagen on Vertex, reachable only when the key belongs to a group that includes it.
+gpt-image-* models are forwarded to OpenAI unchanged, so OpenAI's validation errors come back as
+OpenAI wrote them (new-api passes upstream error bodies through). For its other models (dall-e-3 /
+dall-e-2 on a channel that still serves them) the relay forwards only the fields it knows for the
+model and silently drops the rest. Imagen 4 on Vertex is reachable only when the key belongs to a
+group that includes it, and Vertex has discontinued it: the upstream's 404 comes back. A model
+with no channel answers 503 "No available channel for model X under group default".
 Relay-level errors (auth, model routing) use new-api's shape: type "new_api_error", param "",
 and a "(request id: ...)" suffix on the message.
 """
@@ -14,7 +18,15 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from .base import Call, GatewayError, Reply
-from .openai import DALL_E_2, DALL_E_3, ImageModel, OpenAIEmulator
+from .openai import (
+    DALL_E_2,
+    DALL_E_3,
+    GPT_IMAGE_2,
+    GPT_IMAGE_2_6_FLARE,
+    GPT_IMAGE_2_7_NOVA,
+    ImageModel,
+    OpenAIEmulator,
+)
 
 IMAGEN_4 = ImageModel(
     "imagen-4.0-generate-001",
@@ -28,11 +40,14 @@ IMAGEN_4 = ImageModel(
     owned_by="vertex-ai",
 )
 GATED_MODELS = {IMAGEN_4.id: "gemini-vertex"}  # model -> the key group that unlocks it
+DISCONTINUED_UPSTREAM = {IMAGEN_4.id: "2026-08-17"}  # channels still configured, upstream gone
+FORWARDED = (GPT_IMAGE_2, GPT_IMAGE_2_6_FLARE, GPT_IMAGE_2_7_NOVA)  # sent to OpenAI as they are
 
 
 class NexLLMEmulator(OpenAIEmulator):
     provider_id: ClassVar[str] = "nexllm"
-    image_models: ClassVar[dict[str, ImageModel]] = {m.id: m for m in (DALL_E_3, DALL_E_2, IMAGEN_4)}
+    image_models: ClassVar[dict[str, ImageModel]] = {m.id: m for m in (*FORWARDED, DALL_E_3, DALL_E_2, IMAGEN_4)}
+    shut_down: ClassVar[dict[str, str]] = {}  # the relay has no channel for them: 503 like any unknown id
     other_models: ClassVar[dict[str, int]] = {"gpt-4o-mini": 1626777600, "gemini-2.5-flash": 1626777600}
     default_model: ClassVar[str | None] = None  # the docs mark `model` required
 
@@ -100,6 +115,20 @@ class NexLLMEmulator(OpenAIEmulator):
                 f"it is served to the {GATED_MODELS[model.id]} group",
                 "model_not_allowed",
             )
+        if model.id in DISCONTINUED_UPSTREAM:
+            # Vertex's NOT_FOUND, wrapped by new-api with the upstream's status.
+            raise GatewayError(
+                404,
+                f"Publisher Model `projects/nexllm/locations/us-central1/publishers/google/models/{model.id}` "
+                "was not found or your project does not have access to it. Please ensure you are using a valid "
+                "model version. (request id: " + self._request_id() + ")",
+                type="upstream_error",
+                code="bad_response_status_code",
+            )
+
+    def drops_unknown_fields(self, model_id: Any) -> bool:
+        model = self.image_models.get(model_id) if isinstance(model_id, str) else None
+        return model is not None and not model.takes_gpt_image_fields
 
     def listed_models(self) -> list[dict[str, Any]]:
         out = [

@@ -1,8 +1,17 @@
-"""OpenAI Images API: /v1/images/generations (JSON), /v1/images/edits (multipart), /v1/models.
+"""OpenAI Images API as on 2026-12-01: /v1/images/generations (JSON), /v1/images/edits
+(multipart), /v1/models.
 
-gpt-image-1 / gpt-image-1-mini always answer b64_json and reject `response_format`; dall-e-3
-generates only (n=1); dall-e-2 generates and edits one square PNG with an optional alpha mask.
-NexLLM (a new-api relay) reuses this dialect with its own model set and error wording.
+Live: the gpt-image-2 family (gpt-image-2, -2.5-flare/-sunburst, -2.6-flare/-sunburst and
+gpt-image-2.7-nova, a release no manifest names). They answer base64 only and refuse
+`response_format`; `size` is `auto` or any WxH by rule (SIZE_RULE); quality tiers grow with the
+version; `complexity` and gif/svg output exist on 2.6 only; a transparent background and
+`input_fidelity` are refused; edits take up to 16 `image[]` and a PNG mask whose transparent
+pixels mark the area. Shut-down models (SHUT_DOWN) answer 404 model_not_found "has been
+deprecated". `/v1/models` gives each model a `shutdown_date` (YYYY-MM-DD or null).
+
+The gpt-image-1 / dall-e-3 / dall-e-2 specs stay for gateways that still serve those ids:
+`OpenAIEmulator(serve_retired=True)` answers them as before the shutdowns (for tests whose
+subject is not the model world), and NexLLM reuses this dialect with its own model set.
 """
 
 from __future__ import annotations
@@ -116,6 +125,13 @@ class ImageModel:
     max_images: int = 1  # input images per edit
     created: int = 1698785189
     owned_by: str = "system"
+    shutdown_date: str | None = None  # listed by /v1/models; a future date: deprecated but served
+    complexity: bool = False  # takes `complexity` (gpt-image-2.6)
+    vector_outputs: bool = False  # generations may ask for output_format gif (animated) or svg
+
+    @property
+    def takes_gpt_image_fields(self) -> bool:
+        return self.family in ("gpt-image", "gpt-image-2")
 
 
 GPT_IMAGE_1 = ImageModel(
@@ -157,6 +173,77 @@ DALL_E_2 = ImageModel(
     created=1698798177,
 )
 
+# gpt-image-2 family: custom sizes by rule instead of a list.
+SIZE_MULTIPLE = 16
+SIZE_MAX_SIDE = 3840
+SIZE_MAX_RATIO = 3
+SIZE_MIN_PIXELS = 655_360
+SIZE_MAX_PIXELS = 8_294_400
+SIZE_RULE = (
+    f"'auto' or WIDTHxHEIGHT where both sides are multiples of {SIZE_MULTIPLE}, the longest side is at most "
+    f"{SIZE_MAX_SIDE}, the aspect ratio is at most {SIZE_MAX_RATIO}:1 and the image has between "
+    f"{SIZE_MIN_PIXELS:,} and {SIZE_MAX_PIXELS:,} pixels"
+)
+_GPT2_QUALITIES = ("low", "medium", "high", "auto")
+_GPT25_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
+_RASTER_FORMATS = ("png", "jpeg", "webp")
+_COMPLEXITIES = ("low", "medium", "high")
+# Output tokens of a 1024x1024 image by quality; other sizes scale with their pixel count.
+_GPT2_TOKENS_PER_MEGAPIXEL = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 8320, "max": 16640}
+
+GPT_IMAGE_2 = ImageModel(
+    "gpt-image-2",
+    "gpt-image-2",
+    (),
+    10,
+    32000,
+    _GPT_IMAGE_GEN,
+    _GPT_IMAGE_EDIT,
+    default_size="auto",
+    default_response_format=None,
+    qualities=_GPT2_QUALITIES,
+    default_quality="auto",
+    max_images=16,
+    created=1776729600,  # 2026-04-21
+    shutdown_date="2027-03-02",  # deprecated for 2.5/2.6, still served until then
+)
+GPT_IMAGE_2_5_FLARE = replace(
+    GPT_IMAGE_2, id="gpt-image-2.5-flare", qualities=_GPT25_QUALITIES, created=1788825600, shutdown_date=None
+)
+GPT_IMAGE_2_5_SUNBURST = replace(GPT_IMAGE_2_5_FLARE, id="gpt-image-2.5-sunburst")
+GPT_IMAGE_2_6_FLARE = replace(
+    GPT_IMAGE_2_5_FLARE,
+    id="gpt-image-2.6-flare",
+    gen_fields=_GPT_IMAGE_GEN | {"complexity"},
+    edit_fields=_GPT_IMAGE_EDIT | {"complexity"},
+    complexity=True,
+    vector_outputs=True,
+    created=1793750400,  # 2026-11-04
+)
+GPT_IMAGE_2_6_SUNBURST = replace(GPT_IMAGE_2_6_FLARE, id="gpt-image-2.6-sunburst")
+# A release after every manifest was written: the family's rules, 2.5's tiers, no 2.6 extras.
+GPT_IMAGE_2_7_NOVA = replace(GPT_IMAGE_2_5_FLARE, id="gpt-image-2.7-nova", created=1795996800)
+GPT_IMAGE_2_FAMILY = (
+    GPT_IMAGE_2,
+    GPT_IMAGE_2_5_FLARE,
+    GPT_IMAGE_2_5_SUNBURST,
+    GPT_IMAGE_2_6_FLARE,
+    GPT_IMAGE_2_6_SUNBURST,
+    GPT_IMAGE_2_7_NOVA,
+)
+
+# Models OpenAI has shut down, with the day; requests for them answer 404 model_not_found.
+SHUT_DOWN: dict[str, str] = {
+    "dall-e-2": "2026-05-12",
+    "dall-e-3": "2026-05-12",
+    "gpt-image-1": "2026-10-23",
+    "gpt-image-1-mini": "2026-12-01",
+    "gpt-image-1.5": "2026-12-01",
+    "chatgpt-image-latest": "2026-12-01",
+}
+
+RETIRED = (GPT_IMAGE_1, GPT_IMAGE_1_MINI, DALL_E_3, DALL_E_2)  # served with serve_retired=True
+
 NON_IMAGE_MODELS = {  # listed by /v1/models, refused by the image endpoints
     "gpt-4o": 1715367049,
     "gpt-4o-mini": 1721172741,
@@ -188,11 +275,18 @@ def _type_name(value: Any) -> str:
 
 class OpenAIEmulator(Emulator):
     provider_id: ClassVar[str] = "openai"
-    image_models: ClassVar[dict[str, ImageModel]] = {
-        m.id: m for m in (GPT_IMAGE_1, GPT_IMAGE_1_MINI, DALL_E_3, DALL_E_2)
-    }
+    image_models: ClassVar[dict[str, ImageModel]] = {m.id: m for m in GPT_IMAGE_2_FAMILY}
     other_models: ClassVar[dict[str, int]] = NON_IMAGE_MODELS
-    default_model: ClassVar[str | None] = "dall-e-2"  # None: `model` is required
+    shut_down: ClassVar[dict[str, str]] = SHUT_DOWN
+    default_model: ClassVar[str | None] = "gpt-image-2"  # None: `model` is required
+
+    def __init__(self, *args: Any, serve_retired: bool = False, **kwargs: Any) -> None:
+        if serve_retired:  # a gateway that still serves the old ids, as OpenAI did before 2026-05-12
+            retired = {m.id: m for m in RETIRED}
+            self.image_models = {**retired, **self.image_models}
+            self.shut_down = {k: v for k, v in self.shut_down.items() if k not in retired}
+            self.default_model = "dall-e-2"
+        super().__init__(*args, **kwargs)
 
     def routes_spec(self) -> list[tuple[str, list[str], Handler, bool]]:
         return [
@@ -295,18 +389,38 @@ class OpenAIEmulator(Emulator):
             code="model_not_found",
         )
 
+    def shut_down_model(self, model_id: str) -> GatewayError:
+        return GatewayError(
+            404,
+            f"The model '{model_id}' has been deprecated, learn more here: "
+            "https://platform.openai.com/docs/deprecations",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+
     def check_model_access(self, model: ImageModel) -> None:
         """Hook for relays that gate models by key group."""
+
+    def drops_unknown_fields(self, model_id: Any) -> bool:
+        """Whether fields the model does not take are dropped silently (relays) instead of refused."""
+        return False
 
     # -- /v1/models -----------------------------------------------------------------------------
 
     def listed_models(self) -> list[dict[str, Any]]:
         out = [
-            {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+            {
+                "id": m.id,
+                "object": "model",
+                "created": m.created,
+                "owned_by": m.owned_by,
+                "shutdown_date": m.shutdown_date,
+            }
             for m in self.image_models.values()
         ]
         out += [
-            {"id": mid, "object": "model", "created": created, "owned_by": "system"}
+            {"id": mid, "object": "model", "created": created, "owned_by": "system", "shutdown_date": None}
             for mid, created in self.other_models.items()
         ]
         return out
@@ -330,6 +444,8 @@ class OpenAIEmulator(Emulator):
             )
         model = self.image_models.get(raw)
         if model is None:
+            if raw in self.shut_down:
+                raise self.shut_down_model(raw)
             if raw in self.other_models:
                 supported = [m.id for m in self.image_models.values() if action == "generate" or m.edit_fields]
                 raise self.bad_request(
@@ -421,7 +537,10 @@ class OpenAIEmulator(Emulator):
             )
         out: dict[str, Any] = {"prompt": prompt}
         out["n"] = self._int(params, "n", 1, 1, model.max_n, from_form)
-        out["size"] = self._enum(params, "size", model.sizes, model.default_size)
+        if model.family == "gpt-image-2":
+            out["size"] = self._size_by_rule(params.get("size", model.default_size))
+        else:
+            out["size"] = self._enum(params, "size", model.sizes, model.default_size)
         if model.qualities:
             out["quality"] = self._enum(params, "quality", model.qualities, model.default_quality)
         if model.styles:
@@ -432,9 +551,23 @@ class OpenAIEmulator(Emulator):
             )
         else:
             out["response_format"] = "b64_json"
-        if model.family == "gpt-image":
-            out["background"] = self._enum(params, "background", ("transparent", "opaque", "auto"), "auto")
-            out["output_format"] = self._enum(params, "output_format", ("png", "jpeg", "webp"), "png")
+        if model.family == "gpt-image-2":
+            if params.get("background") == "transparent":
+                raise self.bad_request(
+                    f"Invalid value: 'transparent'. Transparent backgrounds are not supported with the model "
+                    f"'{model.id}'. Supported values are: 'opaque' and 'auto'.",
+                    "background",
+                    "invalid_value",
+                )
+            out["background"] = self._enum(params, "background", ("opaque", "auto"), "auto")
+            formats = _RASTER_FORMATS + (("gif", "svg") if model.vector_outputs and not from_form else ())
+            out["output_format"] = self._enum(params, "output_format", formats, "png")
+            if model.complexity:
+                out["complexity"] = self._enum(params, "complexity", _COMPLEXITIES, "medium")
+        if model.takes_gpt_image_fields:
+            if model.family == "gpt-image":
+                out["background"] = self._enum(params, "background", ("transparent", "opaque", "auto"), "auto")
+                out["output_format"] = self._enum(params, "output_format", _RASTER_FORMATS, "png")
             out["output_compression"] = self._int(params, "output_compression", None, 0, 100, from_form)
             if "moderation" in model.gen_fields:
                 out["moderation"] = self._enum(params, "moderation", ("low", "auto"), "auto")
@@ -452,6 +585,39 @@ class OpenAIEmulator(Emulator):
                 "content_policy_violation",
             )
         return out
+
+    def _size_by_rule(self, value: Any) -> str:
+        """gpt-image-2's size: 'auto' or any WxH the rule allows; the error states the rule."""
+        if not isinstance(value, str):
+            raise self.bad_request(
+                f"Invalid type for 'size': expected a string, but got {_type_name(value)} instead.",
+                "size",
+                "invalid_type",
+            )
+        if value == "auto":
+            return value
+        w_text, sep, h_text = value.partition("x")
+        if not (sep and w_text.isdigit() and h_text.isdigit()):
+            raise self._bad_size(value, "it is not in WIDTHxHEIGHT form")
+        w, h = int(w_text), int(h_text)
+        if w % SIZE_MULTIPLE or h % SIZE_MULTIPLE:
+            raise self._bad_size(value, f"both sides must be multiples of {SIZE_MULTIPLE}")
+        if max(w, h) > SIZE_MAX_SIDE:
+            raise self._bad_size(value, f"the longest side must be at most {SIZE_MAX_SIDE}")
+        if max(w, h) > SIZE_MAX_RATIO * min(w, h):
+            raise self._bad_size(value, f"the aspect ratio must be at most {SIZE_MAX_RATIO}:1")
+        if not SIZE_MIN_PIXELS <= w * h <= SIZE_MAX_PIXELS:
+            raise self._bad_size(
+                value, f"the image must have between {SIZE_MIN_PIXELS:,} and {SIZE_MAX_PIXELS:,} pixels, not {w * h:,}"
+            )
+        return value
+
+    def _bad_size(self, value: str, reason: str) -> GatewayError:
+        return self.bad_request(
+            f"Invalid value for 'size': '{value}' ({reason}). Supported values are {SIZE_RULE}.",
+            "size",
+            "invalid_value",
+        )
 
     def _output_size(self, size: str) -> tuple[int, int]:
         return (1024, 1024) if size == "auto" else parse_size(size)
@@ -482,12 +648,16 @@ class OpenAIEmulator(Emulator):
         if model.family == "dall-e-3":
             for item in data:
                 item["revised_prompt"] = f"A detailed, vivid rendition of: {p['prompt']}"
-        if model.family == "gpt-image":
+        if model.takes_gpt_image_fields:
             quality_used = "medium" if p["quality"] == "auto" else p["quality"]
             size_used = f"{width}x{height}"
             text_tokens = max(1, math.ceil(len(p["prompt"]) / 4))
             image_tokens = input_images * _TOKENS_PER_INPUT_IMAGE
-            output_tokens = _OUTPUT_TOKENS[quality_used].get(size_used, 1056) * p["n"]
+            if model.family == "gpt-image-2":
+                per_image = _GPT2_TOKENS_PER_MEGAPIXEL[quality_used] * width * height // (1024 * 1024)
+            else:
+                per_image = _OUTPUT_TOKENS[quality_used].get(size_used, 1056)
+            output_tokens = max(1, per_image) * p["n"]
             body.update(
                 {
                     "background": "transparent" if transparent else "opaque",
@@ -529,10 +699,15 @@ class OpenAIEmulator(Emulator):
     async def _generations(self, call: Call) -> Reply:
         self.check_auth(call)
         body = self.json_body(call)
+        drops = self.drops_unknown_fields(body.get("model"))
+        if drops:
+            body = {k: v for k, v in body.items() if k in GEN_FIELDS}
         for name in body:
-            if name not in GEN_FIELDS:
+            if name not in GEN_FIELDS | {"complexity"}:
                 raise self.unknown_parameter(name)
         model = self._resolve_model(body.get("model"), "generate")
+        if drops:
+            body = {k: v for k, v in body.items() if k in model.gen_fields}
         for name in body:
             if name not in model.gen_fields:
                 raise self.unknown_parameter(name)
@@ -553,8 +728,13 @@ class OpenAIEmulator(Emulator):
             )
         if rec.form_error is not None:
             raise self.bad_request(f"Could not parse multipart form: {rec.form_error}")
-        for name in rec.form_fields:
-            if name not in EDIT_FIELDS:
+        form, form_fields = rec.form, rec.form_fields
+        drops = self.drops_unknown_fields(form.get("model"))
+        if drops:
+            form = {k: v for k, v in form.items() if k in EDIT_FIELDS}
+            form_fields = [k for k in form_fields if k in EDIT_FIELDS]
+        for name in form_fields:
+            if name not in EDIT_FIELDS | {"complexity"}:
                 raise self.unknown_parameter(name)
             if name in EDIT_FILE_FIELDS and name not in rec.files:
                 raise self.bad_request(
@@ -564,13 +744,16 @@ class OpenAIEmulator(Emulator):
                 raise self.bad_request(
                     f"Invalid type for '{name}': expected a string, but got a file instead.", name, "invalid_type"
                 )
-        model = self._resolve_model(rec.form.get("model"), "edit")
+        model = self._resolve_model(form.get("model"), "edit")
+        if drops:
+            form = {k: v for k, v in form.items() if k in model.edit_fields}
+            form_fields = [k for k in form_fields if k in model.edit_fields]
         if not model.edit_fields:
             editors = [m.id for m in self.image_models.values() if m.edit_fields]
             raise self.bad_request(
                 f"Invalid value: '{model.id}'. Supported values are: {_choices(editors)}.", "model", "invalid_value"
             )
-        for name in rec.form_fields:
+        for name in form_fields:
             if name not in model.edit_fields:
                 raise self.unknown_parameter(name)
         if "image" in rec.files and "image[]" in rec.files:
@@ -594,9 +777,16 @@ class OpenAIEmulator(Emulator):
                 "invalid_value",
             )
         mask = (rec.files.get("mask") or [None])[0]
-        params = self._common(model, dict(rec.form), from_form=True)
+        if model.family == "gpt-image-2" and "input_fidelity" in form:
+            raise self.bad_request(
+                f"Unsupported parameter: 'input_fidelity' is not supported with the model '{model.id}'.",
+                "input_fidelity",
+                "unsupported_parameter",
+            )
+        params = self._common(model, dict(form), from_form=True)
         if model.family == "gpt-image":
-            params.update(self._enum_fidelity(rec.form))
+            params.update(self._enum_fidelity(form))
+        if model.takes_gpt_image_fields:
             self._check_gpt_image_inputs(inputs, mask)
         else:
             self._check_dalle2_inputs(inputs[0], mask)
