@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+
+import anyio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,11 @@ def _needed(operation: Operation, has_mask: bool, n_images: int) -> set[Capabili
     return need
 
 
+def _natural(belief: Belief) -> list[object]:
+    # "gpt-image-2.5" before "gpt-image-2.10": numbers compare as numbers.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", belief.id)]
+
+
 def _can(belief: Belief, need: set[Capability]) -> bool:
     return need <= set(belief.spec.capabilities or ())
 
@@ -66,9 +73,10 @@ class ModelCatalog:
         self._gateway = gateway
         self._discovered: dict[str, _Discovered] = {}
         self._tried: set[str] = set()  # endpoints whose discovery was attempted (even if it failed)
+        self._discovery_locks: dict[str, anyio.Lock] = {}
         # (endpoint, model) -> when the gateway said the model is not there: not sent again
         # until discovery is due again (a second try would only fail the same way).
-        self._gone: dict[tuple[str, str], float] = {}
+        self._gone_at: dict[tuple[str, str], float] = {}
         self.learned = learned or LearnedFacts(None)
 
     # --- what is true of a model ---------------------------------------------------------------
@@ -91,7 +99,10 @@ class ModelCatalog:
             return list(endpoint.models)
         found = self._discovered.get(endpoint.name)
         # Discovery is the gateway's own list of what it serves now; without it, the manifest's.
-        ids = list(found.models) if found else [m.id for m in load_manifest(endpoint.provider).models]
+        manifest = load_manifest(endpoint.provider)
+        ids = list(found.models) if found else [m.id for m in manifest.models]
+        if not found and manifest.default_model and manifest.default_model not in ids:
+            ids.insert(0, manifest.default_model)  # the current default, known by its family
         ids += [i for i in endpoint.model_overrides if i not in ids]
         return ids
 
@@ -120,12 +131,15 @@ class ModelCatalog:
         self._discovered[endpoint.name] = _Discovered(at=time.monotonic(), models=models)
 
     async def _discover_once(self, endpoint: EndpointConfig) -> None:
-        if endpoint.name in self._tried or endpoint.name in self._discovered:
-            return
-        try:
-            await self.refresh(endpoint)
-        except ImageGenError as exc:
-            log.warning("discovery on %s failed: %s", endpoint.name, exc.message)
+        # Calls arriving together wait for one discovery instead of routing without it.
+        lock = self._discovery_locks.setdefault(endpoint.name, anyio.Lock())
+        async with lock:
+            if endpoint.name in self._tried or endpoint.name in self._discovered:
+                return
+            try:
+                await self.refresh(endpoint)
+            except ImageGenError as exc:
+                log.warning("discovery on %s failed: %s", endpoint.name, exc.message)
 
     async def list_models(
         self, *, capability: Capability | None = None, endpoint: str | None = None, refresh: bool = False
@@ -216,7 +230,8 @@ class ModelCatalog:
             # does not name, or no model (the default follows what the gateway serves now).
             manifest = load_manifest(ep.provider)
             unnamed = model is not None and model not in self._served_ids(ep)
-            if unnamed or (model is None and (manifest.default_preference or not manifest.default_model)):
+            retired = model is not None and not unnamed and self.belief(ep, model).shut_down()
+            if unnamed or retired or (model is None and (manifest.default_preference or not manifest.default_model)):
                 await self._discover_once(ep)
         routes: list[Route] = []
         if model:
@@ -225,7 +240,7 @@ class ModelCatalog:
                 belief = self._find(ep, model)
                 if belief is None:
                     continue
-                if belief.shut_down() or self._said_gone(ep, model):
+                if self._gone(ep, belief):
                     gone.append((ep, belief))
                     continue
                 routes.append(Route(ep, load_manifest(ep.provider), belief))
@@ -271,10 +286,14 @@ class ModelCatalog:
             return served[0] if served else None
         manifest = load_manifest(ep.provider)
         if ep.name in self._discovered:
-            for pattern in manifest.default_preference:
-                matches = [b for b in served if re.search(pattern, b.id, re.I)]
-                if matches:
-                    return min(matches, key=lambda b: (len(b.id), b.id))
+            # By pattern, the first served match; a model with a shutdown date ahead only when
+            # no pattern matches one without.
+            ranked = [
+                b for pattern in manifest.default_preference for b in sorted(served, key=_natural) if re.search(pattern, b.id, re.I)
+            ]
+            lasting = [b for b in ranked if not b.deprecation()]
+            if lasting or ranked:
+                return (lasting or ranked)[0]
         if manifest.default_model:
             chosen = next((b for b in served if b.id == manifest.default_model), None)
             if chosen is None and ep.name not in self._discovered:
@@ -286,10 +305,23 @@ class ModelCatalog:
 
     def mark_gone(self, endpoint: EndpointConfig, model_id: str) -> None:
         """The gateway answered that the model does not exist (or no longer does)."""
-        self._gone[(endpoint.name, model_id)] = time.monotonic()
+        self._gone_at[(endpoint.name, model_id)] = time.monotonic()
+
+    def _gone(self, endpoint: EndpointConfig, belief: Belief) -> bool:
+        """Whether the model is known not to be served here any more.
+
+        The gateway's word decides: its discovery (no such id, or a past shutdown date) or its
+        answer to an earlier call. A shutdown the manifest records is only a reason to ask the
+        gateway; where it cannot be asked, the request is sent and the gateway judges."""
+        if self._said_gone(endpoint, belief.id):
+            return True
+        if not belief.shut_down():
+            return False
+        found = self._discovered.get(endpoint.name)
+        return found is not None and endpoint.models is None
 
     def _said_gone(self, endpoint: EndpointConfig, model_id: str) -> bool:
-        said = self._gone.get((endpoint.name, model_id))
+        said = self._gone_at.get((endpoint.name, model_id))
         return said is not None and time.monotonic() - said < self._settings.discovery_ttl_s
 
     def _shut_down_message(self, model: str, gone: list[tuple[EndpointConfig, Belief]], need: set[Capability]) -> str:

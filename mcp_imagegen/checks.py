@@ -326,13 +326,11 @@ def prepare(
         if value is None:
             continue
         if model.knobs is None:
-            # What the model takes is not known: send it as asked; the gateway judges. A type
-            # the gateway declares for every model is still checked here.
+            # What the model takes is not known: send it as asked; the gateway judges. A knob
+            # the gateway's manifest declares (for every model it serves) is still checked.
             declared = manifest.params.get(name)
             wire = declared.wire_name(name) if declared else name
-            # Only the type: an enum the gateway lists is about the models it knew of.
-            loose = declared.model_copy(update={"enum": None}) if declared else None
-            knobs[wire] = _check_knob(name, loose, value) if loose else value
+            knobs[wire] = _check_knob(name, declared, value) if declared else value
             continue
         spec = manifest.knob(model, name) if name in CANONICAL_KNOBS else None
         if spec is None:

@@ -185,6 +185,9 @@ def resolve(
 
         layer("learned", apply_lessons(fields, taught))
     fields.pop("family", None)
+    if discovered is not None and not discovered.shutdown_date and sources.get("shutdown_date") != "configured":
+        # The gateway lists the model with no date: whatever its maker did, this gateway serves it.
+        fields.pop("shutdown_date", None)
     spec = ModelSpec.model_validate({"id": model_id, **_plain(fields)})
     notes = [lesson.note() for lesson in taught]
     return Belief(spec=spec, sources=sources, family=fam.id if fam else None, lessons=taught, notes=tuple(notes))

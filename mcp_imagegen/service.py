@@ -372,6 +372,12 @@ class ImageService:
         deprecation = belief.deprecation()
         if deprecation:
             job.warnings.append(deprecation)
+        elif belief.shut_down():  # recorded as shut down, but this gateway cannot say (no discovery)
+            instead = f"; {belief.spec.replacement} replaces it" if belief.spec.replacement else ""
+            job.warnings.append(
+                f"{belief.id} was shut down by its provider on {belief.spec.shutdown_date}{instead}; "
+                f"sent anyway because endpoint {route.endpoint.name!r} may still serve it"
+            )
         if belief.notes:
             job.warnings.append(f"applied what endpoint {route.endpoint.name!r} taught: {'; '.join(belief.notes)}")
         job.warnings.extend(prepared.warnings)
