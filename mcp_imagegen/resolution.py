@@ -185,12 +185,30 @@ def resolve(
 
         layer("learned", apply_lessons(fields, taught))
     fields.pop("family", None)
+    _limit_to_operations(fields, sources, manifest)
     if discovered is not None and not discovered.shutdown_date and sources.get("shutdown_date") != "configured":
         # The gateway lists the model with no date: whatever its maker did, this gateway serves it.
         fields.pop("shutdown_date", None)
     spec = ModelSpec.model_validate({"id": model_id, **_plain(fields)})
     notes = [lesson.note() for lesson in taught]
     return Belief(spec=spec, sources=sources, family=fam.id if fam else None, lessons=taught, notes=tuple(notes))
+
+
+def _limit_to_operations(fields: dict[str, Any], sources: dict[str, Provenance], manifest: Manifest) -> None:
+    """A gateway without an edit operation (or without a mask or several-image field) cannot do
+    what the model could elsewhere: that is known false here, whatever the family says."""
+    if manifest.transport != "http":
+        return
+    caps = list(fields.get("capabilities") or ())
+    edit = manifest.operations.get("edit")
+    inputs = edit.inputs if edit else None
+    if inputs is None:
+        caps = [c for c in caps if c == "generate"]
+    elif inputs.encoding == "multipart" and not inputs.mask_field:
+        caps = [c for c in caps if c != "mask"]
+    if caps != list(fields.get("capabilities") or ()):
+        fields["capabilities"] = caps
+        sources["capabilities"] = "manifest"
 
 
 def _plain(fields: dict[str, Any]) -> dict[str, Any]:
