@@ -272,6 +272,8 @@ class ModelCatalog:
         if model in self._served_ids(ep):
             return self.belief(ep, model)
         manifest = load_manifest(ep.provider)
+        if (entry := manifest.model(model)) is not None and entry.shutdown_date:
+            return self.belief(ep, model)  # recorded as shut down: routing explains what instead
         if manifest.unknown_models is not None:
             return self.belief(ep, model)  # a gateway whose models nobody can list: send it
         if ep.name in self._discovered or manifest.transport != "http":

@@ -61,7 +61,7 @@ Prompt = Annotated[str, Field(min_length=1, description="What the image should s
 ModelArg = Annotated[
     str | None,
     Field(
-        description="Model id, e.g. 'gpt-image-1'. Omit for the default model. Call list_models to see which "
+        description="Model id, e.g. 'gpt-image-2'. Omit for the default model. Call list_models to see which "
         "models each endpoint has, their sizes and max n."
     ),
 ]

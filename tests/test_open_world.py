@@ -22,22 +22,21 @@ from mcp_imagegen.errors import InvalidRequestError, ModelNotFoundError
 from mcp_imagegen.models import ImageRequest, InputImage
 from mcp_imagegen.service import ImageService
 from tests.conftest import SECRET_KEY, endpoint_for, make_settings
-from tests.emulators import Fault, NanoGptEmulator, NexLLMEmulator, OpenAIEmulator
-from tests.emulators.base import Call, GatewayError, Reply
-from tests.emulators.openai import GPT_IMAGE_1, ImageModel
+from tests.emulators import (
+    AiNebulaEmulator,
+    Fault,
+    LlmVinEmulator,
+    ModelmaxEmulator,
+    NanoGptEmulator,
+    NexLLMEmulator,
+    OpenAIEmulator,
+)
+from tests.emulators.openai import GPT_IMAGE_2, GPT_IMAGE_2_7_NOVA, ImageModel
 
 pytestmark = pytest.mark.anyio
 
-# A point release no manifest names, of a family the server knows.
-UNNAMED = "gpt-image-2.7-zephyr"
-SIZES = ("1024x1024", "1536x1024", "1024x1536", "2048x1152", "auto")
-_GPT2 = replace(GPT_IMAGE_1, id="gpt-image-2", sizes=SIZES, max_images=16, created=1776729600)
-_GPT2_GEN = _GPT2.gen_fields
-_GPT2_EDIT = _GPT2.edit_fields - {"input_fidelity"}
-GPT_IMAGE_2 = replace(_GPT2, edit_fields=_GPT2_EDIT)
-GPT_IMAGE_25 = replace(GPT_IMAGE_2, id="gpt-image-2.5-flare", qualities=("low", "medium", "high", "auto", "xhigh"))
-GPT_IMAGE_UNNAMED = replace(GPT_IMAGE_25, id=UNNAMED)
-SHUT_DOWN = {"gpt-image-1": "2026-10-23", "dall-e-3": "2026-05-12", "dall-e-2": "2026-05-12"}
+# A point release no manifest names, of a family the server knows (served by today's emulators).
+UNNAMED = GPT_IMAGE_2_7_NOVA.id
 
 
 @pytest.fixture
@@ -45,54 +44,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class TodaysOpenAI(OpenAIEmulator):
-    """OpenAI on 2026-12-01: the gpt-image-2 family, and 404 for the models it shut down."""
-
-    image_models: ClassVar[dict[str, ImageModel]] = {
-        m.id: m for m in (GPT_IMAGE_2, GPT_IMAGE_25, GPT_IMAGE_UNNAMED)
-    }
-    default_model: ClassVar[str | None] = None
-    # Models listed by /v1/models with a shutdown date, though no longer served.
-    shut_down: ClassVar[dict[str, str]] = SHUT_DOWN
-    deprecated: ClassVar[dict[str, str]] = {}
+class ListsShutDownIds(OpenAIEmulator):
+    """OpenAI whose model list also names ids it no longer serves (with their shutdown dates)."""
 
     def listed_models(self) -> list[dict[str, Any]]:
         out = super().listed_models()
-        for item in out:
-            item["shutdown_date"] = self.deprecated.get(item["id"])
         out += [
-            {"id": mid, "object": "model", "created": 1698785189, "owned_by": "system", "shutdown_date": day}
+            {"id": mid, "object": "model", "created": 1698785189, "owned_by": "system", "shutdown_date": day or None}
             for mid, day in self.shut_down.items()
         ]
         return out
-
-    def _resolve_model(self, raw: Any, action: str) -> ImageModel:
-        if isinstance(raw, str) and raw in self.shut_down:
-            raise GatewayError(
-                404,
-                f"The model '{raw}' has been deprecated, learn more here: https://platform.openai.com/docs/deprecations",
-                type="invalid_request_error",
-                code="model_not_found",
-            )
-        return super()._resolve_model(raw, action)
-
-
-class RelayToOpenAI(NexLLMEmulator):
-    """A new-api relay forwarding the gpt-image-2 family; 503 "No available channel" otherwise."""
-
-    image_models: ClassVar[dict[str, ImageModel]] = {m.id: m for m in (GPT_IMAGE_2, GPT_IMAGE_UNNAMED)}
-
-
-class NanoWithTerseDiscovery(NanoGptEmulator):
-    """nano-gpt whose model list says nothing about several input images (as the live one)."""
-
-    async def _discovery(self, call: Call) -> Reply:
-        reply = await super()._discovery(call)
-        assert isinstance(reply.body, dict)
-        for entry in reply.body["data"]:
-            entry.get("capabilities", {}).pop("multi_image", None)
-            entry.get("supported_parameters", {}).pop("max_input_images", None)
-        return reply
 
 
 def png(width: int = 1024, height: int = 1024, mode: str = "RGB") -> bytes:
@@ -150,7 +111,7 @@ def refused(emu: Any) -> list[Any]:
 async def test_unnamed_model_of_a_known_family_works_on_the_first_call(
     tmp_path: Path, started: Any, provider: str
 ) -> None:
-    emu = started(TodaysOpenAI)
+    emu = started(OpenAIEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, provider=provider, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         made = await service.generate(
@@ -177,29 +138,25 @@ async def test_unnamed_model_of_a_known_family_works_on_the_first_call(
 
 
 async def test_no_model_on_todays_openai(tmp_path: Path, started: Any) -> None:
-    emu = started(TodaysOpenAI)
+    emu = started(OpenAIEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest("generate", "a lighthouse"))
-    assert result.model == "gpt-image-2" and len(result.images) == 1
-    assert emu.requests_to("/images/generations")[0].json["model"] == "gpt-image-2"
+    # From the gateway's own list: the first gpt-image-2 model not already on its way out
+    # (gpt-image-2 itself is listed with a shutdown date ahead).
+    assert result.model == "gpt-image-2.5-flare" and len(result.images) == 1
+    assert [r.json["model"] for r in emu.requests_to("/images/generations")] == ["gpt-image-2.5-flare"]
     edit = await run(settings, ImageRequest("edit", "x", images=[input_image(png())], mask=input_image(alpha_mask())))
-    assert edit.model == "gpt-image-2"
+    assert edit.model == "gpt-image-2.5-flare"
     assert refused(emu) == []
 
 
-class AfterGptImage2(TodaysOpenAI):
-    """A later day: gpt-image-2 itself has gone, its successors serve."""
-
-    image_models: ClassVar[dict[str, ImageModel]] = {m.id: m for m in (GPT_IMAGE_25, GPT_IMAGE_UNNAMED)}
-    shut_down: ClassVar[dict[str, str]] = {**SHUT_DOWN, "gpt-image-2": "2026-11-30"}
-
-
-async def test_the_default_follows_what_the_gateway_serves_now(tmp_path: Path, started: Any) -> None:
-    emu = started(AfterGptImage2)
+async def test_no_model_without_a_model_list_uses_the_manifests_current_default(tmp_path: Path, started: Any) -> None:
+    emu = started(OpenAIEmulator)
+    emu.inject(Fault.http(404, message="Not found"), times=None, path="/models")  # no list to ask
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     result = await run(settings, ImageRequest("generate", "a lighthouse"))
-    assert result.model == "gpt-image-2.5-flare"  # the first served match of the preference order
-    assert [r.json["model"] for r in emu.requests_to("/images/generations")] == ["gpt-image-2.5-flare"]
+    assert result.model == "gpt-image-2" and len(result.images) == 1
+    assert refused(emu) == [r for r in emu.requests if r.path.endswith("/models")]
 
 
 # --- shut-down and deprecated models ----------------------------------------------------------------
@@ -207,7 +164,7 @@ async def test_the_default_follows_what_the_gateway_serves_now(tmp_path: Path, s
 
 @pytest.mark.parametrize("model", ["gpt-image-1", "dall-e-3"])
 async def test_shut_down_model_is_refused_naming_one_that_works(tmp_path: Path, started: Any, model: str) -> None:
-    emu = started(TodaysOpenAI)
+    emu = started(OpenAIEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     with pytest.raises(ModelNotFoundError) as err:
         await run(settings, ImageRequest("generate", "x", model=model))
@@ -217,7 +174,7 @@ async def test_shut_down_model_is_refused_naming_one_that_works(tmp_path: Path, 
 
 
 async def test_a_model_the_gateway_says_is_gone_is_sent_once(tmp_path: Path, started: Any) -> None:
-    class ListsItWithoutDate(TodaysOpenAI):
+    class ListsItWithoutDate(ListsShutDownIds):
         # The list still names it with no date, but it answers 404 "has been deprecated".
         shut_down: ClassVar[dict[str, str]] = {"gpt-image-2-early-access": ""}
 
@@ -232,19 +189,16 @@ async def test_a_model_the_gateway_says_is_gone_is_sent_once(tmp_path: Path, sta
 
 
 async def test_a_deprecated_model_works_with_a_warning(tmp_path: Path, started: Any) -> None:
-    class Deprecating(TodaysOpenAI):
-        deprecated: ClassVar[dict[str, str]] = {"gpt-image-2.5-flare": "2999-03-01"}
-
-    emu = started(Deprecating)
+    emu = started(ListsShutDownIds)  # lists gpt-image-1 as shut down, gpt-image-2 with a date ahead
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         models, _ = await service.list_models()
         listed = {m.id: m for m in models}
-        assert "gpt-image-1" not in listed  # shut down: not offered
-        assert any("2999-03-01" in note for note in listed["gpt-image-2.5-flare"].notes)
-        result = await service.generate(ImageRequest("generate", "x", model="gpt-image-2.5-flare"))
+        assert "gpt-image-1" not in listed and "dall-e-3" not in listed  # shut down: not offered
+        assert any("2027-03-02" in note for note in listed["gpt-image-2"].notes)
+        result = await service.generate(ImageRequest("generate", "x", model="gpt-image-2"))
     assert len(result.images) == 1
-    assert any("deprecated" in w and "2999-03-01" in w for w in result.warnings)
+    assert any("deprecated" in w and "2027-03-02" in w for w in result.warnings)
 
 
 # --- learning from refusals -------------------------------------------------------------------------
@@ -275,7 +229,7 @@ async def test_a_refused_field_the_server_added_is_learned_retried_once_and_reme
 
 
 async def test_a_refused_field_the_caller_asked_for_is_an_error_naming_it(tmp_path: Path, started: Any) -> None:
-    emu = started(TodaysOpenAI)
+    emu = started(OpenAIEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, provider="openai-compatible", key=SECRET_KEY)])
     request = ImageRequest("generate", "x", model=UNNAMED, extra={"moderation": "strict"})
     with pytest.raises(InvalidRequestError) as err:
@@ -289,8 +243,8 @@ async def test_a_refused_field_the_caller_asked_for_is_an_error_naming_it(tmp_pa
 
 
 async def test_n_above_what_the_gateway_takes_is_learned_and_split(tmp_path: Path, started: Any) -> None:
-    class TakesFour(TodaysOpenAI):
-        image_models: ClassVar[dict[str, ImageModel]] = {UNNAMED: replace(GPT_IMAGE_UNNAMED, max_n=4)}
+    class TakesFour(OpenAIEmulator):
+        image_models: ClassVar[dict[str, ImageModel]] = {UNNAMED: replace(GPT_IMAGE_2_7_NOVA, max_n=4)}
 
     emu = started(TakesFour)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
@@ -304,7 +258,7 @@ async def test_n_above_what_the_gateway_takes_is_learned_and_split(tmp_path: Pat
 
 
 async def test_relay_forwarding_to_openai(tmp_path: Path, started: Any) -> None:
-    emu = started(RelayToOpenAI)
+    emu = started(NexLLMEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     async with ImageService(settings) as service:
         made = await service.generate(ImageRequest("generate", "x", model="gpt-image-2", n=2, knobs={"quality": "low"}))
@@ -327,7 +281,7 @@ async def test_relay_forwarding_to_openai(tmp_path: Path, started: Any) -> None:
 
 
 async def test_relay_without_a_channel_is_model_not_found_and_not_retried(tmp_path: Path, started: Any) -> None:
-    emu = started(RelayToOpenAI)
+    emu = started(NexLLMEmulator)
     ep = endpoint_for(emu, key=SECRET_KEY, models=["gpt-image-2", "gpt-image-9"])
     settings = make_settings(tmp_path, [ep])
     with pytest.raises(ModelNotFoundError) as err:
@@ -340,8 +294,10 @@ async def test_relay_without_a_channel_is_model_not_found_and_not_retried(tmp_pa
 
 
 async def test_model_overrides_correct_what_the_server_believes(tmp_path: Path, started: Any) -> None:
-    class ServesAcme(TodaysOpenAI):
-        image_models: ClassVar[dict[str, ImageModel]] = {"acme-diffusion-9": replace(GPT_IMAGE_2, id="acme-diffusion-9")}
+    class ServesAcme(OpenAIEmulator):
+        image_models: ClassVar[dict[str, ImageModel]] = {
+            "acme-diffusion-9": replace(GPT_IMAGE_2, id="acme-diffusion-9", shutdown_date=None)
+        }
 
     emu = started(ServesAcme)
     plain = make_settings(tmp_path, [endpoint_for(emu, name="relay", provider="openai-compatible", key=SECRET_KEY)])
@@ -380,7 +336,7 @@ async def test_extra_null_removes_a_field(tmp_path: Path, started: Any) -> None:
 
 
 async def test_gpt_image_2_size_rules(tmp_path: Path, started: Any) -> None:
-    emu = started(TodaysOpenAI)
+    emu = started(OpenAIEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     ok = await run(settings, ImageRequest("generate", "x", model="gpt-image-2", size="2048x1152"))
     assert (ok.images[0].width, ok.images[0].height) == (2048, 1152)
@@ -391,7 +347,7 @@ async def test_gpt_image_2_size_rules(tmp_path: Path, started: Any) -> None:
 
 
 async def test_nano_gpt_discovery_merge_keeps_manifest_capabilities(tmp_path: Path, started: Any) -> None:
-    emu = started(NanoWithTerseDiscovery)
+    emu = started(NanoGptEmulator)
     settings = make_settings(tmp_path, [endpoint_for(emu, name="nano", key=SECRET_KEY)])
     async with ImageService(settings) as service:
         models, warnings = await service.list_models(endpoint="nano", refresh=True)
@@ -405,3 +361,24 @@ async def test_nano_gpt_discovery_merge_keeps_manifest_capabilities(tmp_path: Pa
     assert len(result.images) == 1
     assert len(emu.requests_to("/images/generations")[0].json["imageDataUrls"]) == 2
     assert json.dumps(listed["hidream"].model_dump())  # the listing serializes as list_models returns it
+
+
+@pytest.mark.parametrize(
+    ("cls", "model", "size"),
+    [
+        (AiNebulaEmulator, "gemini-3.5-flash-image-preview", None),  # no model list: known by family
+        (LlmVinEmulator, "flux-2.5-pro", "1536x1024"),
+        (ModelmaxEmulator, "seedream-5.0-lite", "2K"),
+        (NanoGptEmulator, "seedream-5.0", "2K"),  # in the gateway's list, in no manifest
+    ],
+)
+async def test_each_gateways_unnamed_model_works_on_the_first_call(
+    tmp_path: Path, started: Any, cls: type, model: str, size: str | None
+) -> None:
+    emu = started(cls)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(settings, ImageRequest("generate", "a lighthouse", model=model, size=size))
+    assert result.model == model and len(result.images) == 1
+    assert refused(emu) == []
+    [sent] = emu.requests_to("/images/generations")
+    assert sent.json["model"] == model
