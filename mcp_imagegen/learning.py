@@ -146,6 +146,8 @@ def apply_lessons(fields: Mapping[str, Any], lessons: Iterable[Lesson]) -> dict[
         elif name == "size" and lesson.values is not None:
             out["sizes"] = list(lesson.values)
             out["size_rule"] = None
+            if fields.get("default_size") not in lesson.values:
+                out["default_size"] = None  # the gateway picks, rather than a size it refused
         elif name in CANONICAL_KNOBS and (lesson.values is not None or lesson.maximum is not None):
             spec: dict[str, Any] = {"type": "string", "enum": list(lesson.values)} if lesson.values else {
                 "type": "number",

@@ -106,7 +106,8 @@ ExtraArg = Annotated[
     dict[str, Any] | None,
     Field(
         description="Gateway-specific parameters with no canonical argument, passed to the gateway as they are, "
-        'under their wire names (e.g. {"moderation": "low"}).'
+        'under their wire names (e.g. {"moderation": "low"}). A value of null removes that field from what '
+        'the server would send (e.g. {"response_format": null}).'
     ),
 ]
 InlineFullArg = Annotated[

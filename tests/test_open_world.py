@@ -382,3 +382,34 @@ async def test_each_gateways_unnamed_model_works_on_the_first_call(
     assert refused(emu) == []
     [sent] = emu.requests_to("/images/generations")
     assert sent.json["model"] == model
+
+
+# --- through the MCP surface ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_mcp_list_models_shows_provenance_and_extra_null_reaches_the_wire(
+    tmp_path: Path, started: Any, mode: str
+) -> None:
+    from mcp.client import Client
+    from mcp_types import TextContent
+
+    from mcp_imagegen.server import build_server
+
+    emu = started(OpenAIEmulator)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    async with Client(build_server(settings), mode=mode) as client:
+        listed = await client.call_tool("list_models", {})
+        assert not listed.is_error
+        models = {m["id"]: m for m in listed.structured_content["models"]}
+        nova = models[UNNAMED]  # in the gateway's list, in no manifest: its family fills it in
+        assert nova["family"] == "gpt-image-2.5" and nova["facts"]["capabilities"] == "family"
+        assert set(nova["capabilities"]) == {"generate", "edit", "mask", "multi_image"}
+        assert "multiples of 16" in nova["size_rules"]
+        made = await client.call_tool(
+            "generate_image", {"prompt": "x", "model": UNNAMED, "n": 2, "extra": {"n": None, "user": "u1"}}
+        )
+        text = "\n".join(b.text for b in made.content if isinstance(b, TextContent))
+        assert not made.is_error, text
+    sent = emu.requests_to("/images/generations")
+    assert len(sent) == 2 and all("n" not in r.json and r.json["user"] == "u1" for r in sent)
