@@ -290,9 +290,8 @@ class ModelCatalog:
         if ep.name in self._discovered:
             # By pattern, the first served match; a model with a shutdown date ahead only when
             # no pattern matches one without.
-            ranked = [
-                b for pattern in manifest.default_preference for b in sorted(served, key=_natural) if re.search(pattern, b.id, re.I)
-            ]
+            ordered = sorted(served, key=_natural)
+            ranked = [b for p in manifest.default_preference for b in ordered if re.search(p, b.id, re.I)]
             lasting = [b for b in ranked if not b.deprecation()]
             if lasting or ranked:
                 return (lasting or ranked)[0]

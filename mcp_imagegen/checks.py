@@ -128,7 +128,9 @@ def _check_size(
 def _size_token(asked: str, model: ModelSpec) -> str | None:
     """An aspect-ratio ("16:9") or resolution ("2K") token the model takes, in its spelling."""
     rule = model.size_rule
-    tokens = [*(model.sizes or ()), *((rule.aspect_ratios or []) if rule else ()), *((rule.resolutions or []) if rule else ())]
+    tokens = list(model.sizes or ())
+    if rule is not None:
+        tokens += [*(rule.aspect_ratios or ()), *(rule.resolutions or ())]
     by_lower = {t.lower(): t for t in tokens if parse_size(t) is None}
     return by_lower.get(asked.replace(" ", "").lower())
 
@@ -175,9 +177,10 @@ def describe_sizes(model: ModelSpec) -> str:
             wxh.append(f"longest side at most {rule.max_side} px")
         if rule.max_aspect:
             wxh.append(f"aspect ratio within {_num(rule.max_aspect)}:1")
-        if rule.min_pixels or rule.max_pixels:
-            wxh.append(f"{rule.min_pixels or 1:,} to {rule.max_pixels:,} pixels" if rule.max_pixels else
-                       f"at least {rule.min_pixels:,} pixels")
+        if rule.max_pixels:
+            wxh.append(f"{rule.min_pixels or 1:,} to {rule.max_pixels:,} pixels")
+        elif rule.min_pixels:
+            wxh.append(f"at least {rule.min_pixels:,} pixels")
         if wxh:
             bounds.append("WxH with " + ", ".join(wxh))
         if rule.aspect_ratios:

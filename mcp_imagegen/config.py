@@ -47,7 +47,8 @@ class EndpointConfig(BaseModel):
     priority: int = Field(default=0, description="Higher is tried first when several endpoints serve a model.")
     model_overrides: dict[str, ModelSpec] = Field(
         default_factory=dict,
-        description="Per model id: facts that correct what the server believes (any ModelSpec field; given fields win).",
+        description="Per model id: facts that correct what the server believes (any ModelSpec field; "
+        "given fields win).",
     )
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
 

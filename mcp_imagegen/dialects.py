@@ -763,8 +763,15 @@ def _capabilities(
     return tuple(c for c in order if c in found), tuple(c for c in order if c in absent)
 
 
-_KNOB_TYPES = {"integer": "integer", "int": "integer", "number": "number", "float": "number", "string": "string",
-               "boolean": "boolean", "bool": "boolean"}
+_KNOB_TYPES = {
+    "integer": "integer",
+    "int": "integer",
+    "number": "number",
+    "float": "number",
+    "string": "string",
+    "boolean": "boolean",
+    "bool": "boolean",
+}
 
 
 def _typed_knobs(params: dict[str, Any], manifest: Manifest) -> dict[str, ParamSpec] | None:

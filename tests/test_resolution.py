@@ -197,7 +197,8 @@ def test_openai_shutdown_dates() -> None:
     assert not resolve("gpt-image-2", oc, discovered=found["gpt-image-2"]).shut_down()
     assert resolve("gpt-image-1", oc, discovered=found["gpt-image-1"]).shut_down()
     later = resolve("gpt-image-2.5-flare", oc, discovered=found["gpt-image-2.5-flare"])
-    assert not later.shut_down() and later.deprecation() == "gpt-image-2.5-flare is deprecated and shuts down on 2999-01-31"
+    assert not later.shut_down()
+    assert later.deprecation() == "gpt-image-2.5-flare is deprecated and shuts down on 2999-01-31"
     manifest_says = resolve("dall-e-3", load_manifest("openai"))
     assert manifest_says.shut_down(dt.date(2026, 12, 2)) and manifest_says.spec.replacement == "gpt-image-2"
     assert not manifest_says.shut_down(dt.date(2026, 5, 11))
@@ -314,17 +315,16 @@ def test_lessons_read_from_gateway_refusals(
 
 
 def test_openai_error_param_and_code_are_kept_on_the_error() -> None:
-    body = json.dumps(
-        {"error": {"message": "Unknown parameter: 'x'.", "type": "invalid_request_error", "param": "x", "code": "unknown_parameter"}}
-    ).encode()
+    error = {"message": "Unknown parameter: 'x'.", "type": "invalid_request_error", "param": "x"}
+    body = json.dumps({"error": {**error, "code": "unknown_parameter"}}).encode()
     err = classify_error(load_manifest("openai"), 400, {}, body, endpoint="e")
-    assert isinstance(err, InvalidRequestError) and (err.gateway_param, err.gateway_code) == ("x", "unknown_parameter")
+    assert isinstance(err, InvalidRequestError)
+    assert (err.gateway_param, err.gateway_code) == ("x", "unknown_parameter")
 
 
 def test_no_available_channel_is_model_not_found_not_a_retry() -> None:
-    body = json.dumps(
-        {"error": {"message": "No available channel for model gpt-image-9 under group default (distributor)", "type": "new_api_error", "param": "", "code": None}}
-    ).encode()
+    message = "No available channel for model gpt-image-9 under group default (distributor)"
+    body = json.dumps({"error": {"message": message, "type": "new_api_error", "param": "", "code": None}}).encode()
     for manifest in (load_manifest("openai-compatible"), load_manifest("nexllm")):
         err = classify_error(manifest, 503, {}, body, endpoint="relay")
         assert isinstance(err, ModelNotFoundError) and not err.retryable
@@ -333,7 +333,8 @@ def test_no_available_channel_is_model_not_found_not_a_retry() -> None:
 def test_learned_facts_survive_a_restart_and_expire(tmp_path: Path) -> None:
     path = tmp_path / "state" / "learned.json"
     facts = LearnedFacts(path)
-    facts.add("oa", "m1", Lesson(field="response_format", refused=True, said="Unknown parameter", learned_at=time.time()))
+    now = time.time()
+    facts.add("oa", "m1", Lesson(field="response_format", refused=True, said="Unknown parameter", learned_at=now))
     facts.add("oa", "m1", Lesson(field="n", maximum=4, learned_at=time.time()))
     facts.add("oa", "m2", Lesson(field="quality", values=("a", "b"), learned_at=time.time() - 40 * 24 * 3600))
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["learned.json"]  # no temp file left
