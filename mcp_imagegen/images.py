@@ -12,11 +12,11 @@ import io
 import math
 import re
 import struct
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from PIL import Image, ImageFile, ImageOps, features
 
-from . import b64
+from . import b64, svg
 from .errors import InvalidRequestError
 
 MAX_PIXELS = 64_000_000  # 8000x8000; larger inputs are almost certainly mistakes or bombs
@@ -31,7 +31,13 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 MIME_TYPES: tuple[str, ...] = ("image/png", "image/jpeg", "image/webp", "image/gif")
-EXTENSIONS: dict[str, str] = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+EXTENSIONS: dict[str, str] = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    svg.SVG_MIME: "svg",  # saved as answered; never decoded here
+}
 _PIL_FORMAT: dict[str, str] = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
 _FORMAT_ALIASES: dict[str, str] = {
     "png": "image/png",
@@ -172,6 +178,39 @@ def _describe_non_image(data: bytes) -> str:
     return f"it starts with bytes {data[:8].hex(' ')}"
 
 
+def _skip_sub_blocks(data: bytes, i: int) -> int:
+    """Past a GIF data sub-block chain (size byte, data, ..., a zero size byte)."""
+    while i < len(data):
+        size = data[i]
+        i += 1 + size
+        if size == 0:
+            break
+    return i
+
+
+def gif_frames(data: bytes) -> int:
+    """How many frames a GIF holds, from its block structure alone (no pixel is decoded)."""
+    if len(data) < 13:
+        return 0
+    flags = data[10]
+    i = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # past the global colour table
+    frames = 0
+    while i < len(data):
+        block = data[i]
+        if block == 0x2C:  # image descriptor: one frame
+            frames += 1
+            if i + 10 > len(data):
+                break
+            flags = data[i + 9]
+            i += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            i = _skip_sub_blocks(data, i + 1)  # past the LZW code size, then the pixel data
+        elif block == 0x21:  # extension: label, then sub-blocks
+            i = _skip_sub_blocks(data, i + 2)
+        else:  # the trailer (0x3B) or bytes that are not GIF blocks
+            break
+    return frames
+
+
 def _too_many_pixels(source: str, w: int, h: int) -> InvalidRequestError:
     return InvalidRequestError(
         f"{source} has {_megapixels(w * h)} megapixels ({w}x{h}), more than the "
@@ -270,6 +309,26 @@ def sniff(data: bytes, source: str = "image", *, verify: bool = True) -> tuple[s
         if not data.rstrip(b"\x00").endswith(b"\x3b"):
             raise _corrupt(source, "the GIF trailer is missing")
     return mime, w, h
+
+
+class Output(NamedTuple):
+    """What a gateway answered, as the store and the results describe it."""
+
+    mime: str
+    width: int
+    height: int
+    frames: int | None = None  # GIFs: how many frames (more than 1: animated)
+    active_content: bool = False  # SVG with scripts or external references
+
+
+def inspect_output(data: bytes, source: str = "image") -> Output:
+    """A gateway's answer: a raster (the cheap checks of sniff(verify=False)), a GIF with its frame
+    count, or an SVG document (svg.inspect: its size, never rendered)."""
+    if magic_mime(data) is None and svg.is_svg(data):
+        info = svg.inspect(data, source)
+        return Output(svg.SVG_MIME, info.width, info.height, active_content=info.active_content)
+    mime, width, height = sniff(data, source, verify=False)
+    return Output(mime, width, height, gif_frames(data) if mime == "image/gif" else None)
 
 
 def _has_alpha(im: Image.Image) -> bool:

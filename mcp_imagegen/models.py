@@ -98,6 +98,7 @@ class SavedImage(BaseModel):
     height: int
     bytes: int
     revised_prompt: str | None = None
+    frames: int | None = None  # GIFs: the frame count (more than 1: animated)
 
 
 class ImageRecord(SavedImage):

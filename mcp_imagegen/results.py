@@ -10,6 +10,9 @@ The whole serialized result stays under `RESULT_CAP_BYTES` (Claude Desktop refus
 measured first, the rest of the budget is shared among the previews (base64 costs 4/3), previews
 are made small enough to fit, and when even small previews do not fit the later ones are left out
 (their links and text lines stay) with a warning.
+
+An SVG document is never rendered: its text line says what it is and where it is, in place of a
+preview. An animated GIF is previewed by its first frame, and its text line gives the frame count.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pydantic import BaseModel, Field
 from . import b64
 from .limits import MIN_PREVIEW_BYTES, PREVIEW_MAX_BYTES, PREVIEWS_TOTAL_BYTES, RESULT_CAP_BYTES
 from .models import GenerationResult, ImageRecord, ModelInfo, SavedImage
+from .svg import SVG_MIME
 from .work import in_worker, on_disk
 
 if TYPE_CHECKING:
@@ -55,6 +59,9 @@ class ImageOut(BaseModel):
     height: int
     bytes: int = Field(description="Size of the saved file in bytes.")
     revised_prompt: str | None = Field(default=None, description="The prompt as the model rewrote it, if it did.")
+    frames: int | None = Field(
+        default=None, description="GIFs: the frame count; more than 1 is an animation, previewed by its first frame."
+    )
 
 
 class ImageToolResult(BaseModel):
@@ -95,6 +102,24 @@ def human_bytes(n: int) -> str:
 
 def _image_out(img: SavedImage) -> ImageOut:
     return ImageOut.model_validate(img.model_dump(include=set(ImageOut.model_fields)))
+
+
+def _describe(img: SavedImage, label: str) -> str:
+    """The text line of one image: what it is, where it is saved, and its resource URI."""
+    size = f"{img.width}x{img.height}" if img.width and img.height else "size not stated"
+    facts = f"{size}, {img.mime_type}, {human_bytes(img.bytes)}"
+    if img.mime_type == SVG_MIME:
+        return (
+            f"{label}: an SVG vector document (not a raster), saved to {img.path} ({facts}); resource URI "
+            f"{img.uri}. It has no inline preview because the server does not render SVG: open the file or "
+            "read the resource to see it."
+        )
+    if img.frames and img.frames > 1:
+        return (
+            f"{label}: an animated GIF of {img.frames} frames, saved whole to {img.path} ({facts}); resource URI "
+            f"{img.uri}. The preview shows its first frame."
+        )
+    return f"{label}: saved to {img.path} ({facts}); resource URI {img.uri}"
 
 
 def _file_name(img: SavedImage) -> str:
@@ -162,10 +187,7 @@ async def build_image_result(
     links: list[ResourceLink] = []
     for i, img in enumerate(images, 1):
         label = f"Image {i} of {total}" if total > 1 else "Image"
-        text = (
-            f"{label}: saved to {img.path} ({img.width}x{img.height}, {img.mime_type}, {human_bytes(img.bytes)}); "
-            f"resource URI {img.uri}"
-        )
+        text = _describe(img, label)
         if img.revised_prompt:
             text += f"; revised prompt: {img.revised_prompt}"
         lines.append(TextContent(type="text", text=text))
@@ -210,14 +232,17 @@ async def build_image_result(
     # A full image may take the whole budget; a preview needs no more than PREVIEW_MAX_BYTES.
     per_cap = cap_bytes if inline_full else PREVIEW_MAX_BYTES
     total_cap = None if inline_full else previews_total_bytes
-    room, per = _plan_previews(total, cap_bytes - base - RESERVE_BYTES, per_cap, total_cap)
+    shown = [i for i, img in enumerate(images) if img.mime_type != SVG_MIME]  # SVG: its text line instead
+    room, per = _plan_previews(len(shown), cap_bytes - base - RESERVE_BYTES, per_cap, total_cap)
     notes: list[str] = []
     inline: dict[int, ImageContent] = {}
-    left_out = total
+    left_out = len(shown)
     if room:
-        made, made_notes = await _make_inline(images, read_bytes, cached, per, preview_max_px, inline_full)
+        made, made_notes = await _make_inline(
+            [(i, images[i]) for i in shown], read_bytes, cached, per, preview_max_px, inline_full
+        )
         used = failed = 0
-        for i, (block, size) in enumerate(made):
+        for i, (block, size), note in zip(shown, made, made_notes):
             if block is None:  # no preview could be made; the note says so
                 failed += 1
             elif used + size > room:
@@ -225,12 +250,12 @@ async def build_image_result(
             else:
                 inline[i] = block
                 used += size
-            if made_notes[i]:
-                notes.append(made_notes[i])  # type: ignore[arg-type]
-        left_out = total - len(inline) - failed
-    if total and left_out > 0:
+            if note:
+                notes.append(note)
+        left_out = len(shown) - len(inline) - failed
+    if shown and left_out > 0:
         notes.append(
-            f"{left_out} of {total} previews were left out to keep the result within clients' size limits; "
+            f"{left_out} of {len(shown)} previews were left out to keep the result within clients' size limits; "
             "every image is saved: use its path, read its imagegen:// resource, or call get_image(image=uri)"
         )
     result = assemble(inline, notes)
@@ -245,32 +270,32 @@ async def build_image_result(
 
 
 async def _make_inline(
-    images: Sequence[SavedImage],
+    images: Sequence[tuple[int, SavedImage]],
     read_bytes: ReadBytes,
     cached: CachedPreview | None,
     max_bytes: int,
     max_px: int,
     inline_full: bool,
 ) -> tuple[list[tuple[ImageContent | None, int]], list[str | None]]:
-    """Previews (or downscaled full images) for `images` with their raw sizes, made concurrently in
-    worker threads; and a note per image that needs one, in image order."""
+    """Previews (or downscaled full images) for `images` (each with its index in the result) with
+    their raw sizes, made concurrently in worker threads; and a note per image that needs one, in order."""
     from . import images as imaging  # Pillow is only loaded when a result has images
 
     out: list[tuple[ImageContent | None, int]] = [(None, 0)] * len(images)
     notes: list[str | None] = [None] * len(images)
 
-    async def one(i: int, img: SavedImage) -> None:
+    async def one(k: int, i: int, img: SavedImage) -> None:
         # The preview made when the image arrived saves reading and decoding it again.
         early = None if inline_full or cached is None else cached(img.id)
         if early is not None and len(early[0]) <= max_bytes:
-            out[i] = (ImageContent(type="image", data=_b64(early[0]), mime_type=early[1]), len(early[0]))
+            out[k] = (ImageContent(type="image", data=_b64(early[0]), mime_type=early[1]), len(early[0]))
             return
         try:
             data, _mime = await on_disk(lambda: read_bytes(img.id))
             if inline_full:
                 small, mime, w, h = await in_worker(lambda: imaging.downscale_to_fit(data, max_bytes))
                 if (w, h) != (img.width, img.height) or mime != img.mime_type:
-                    notes[i] = (
+                    notes[k] = (
                         f"image {i + 1} is inlined downscaled to {w}x{h} {mime} to fit the result size limit; "
                         f"the full {img.width}x{img.height} image is at {img.path}"
                     )
@@ -278,13 +303,13 @@ async def _make_inline(
                 small, mime = await in_worker(lambda: imaging.make_preview(data, max_px=max_px, max_bytes=max_bytes))
         except Exception as exc:  # a preview is a convenience: the image itself is saved
             log.warning("no preview for %s: %s", img.id, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            notes[i] = f"no preview of image {i + 1} could be made ({type(exc).__name__}); the image is saved"
+            notes[k] = f"no preview of image {i + 1} could be made ({type(exc).__name__}); the image is saved"
             return
-        out[i] = (ImageContent(type="image", data=_b64(small), mime_type=mime), len(small))
+        out[k] = (ImageContent(type="image", data=_b64(small), mime_type=mime), len(small))
 
     async with anyio.create_task_group() as tg:
-        for i, img in enumerate(images):
-            tg.start_soon(one, i, img)
+        for k, (i, img) in enumerate(images):
+            tg.start_soon(one, k, i, img)
     return out, notes
 
 
@@ -306,7 +331,13 @@ def _done_headline(result: GenerationResult, verb: str) -> str:
         extras.append(f"balance {result.balance:g}")
     if extras:
         text += " " + ", ".join(extras).capitalize() + "."
-    text += " Each image below has a preview, a resource link and its saved path; pass its imagegen:// URI to edit_image to change it."
+    vectors = sum(img.mime_type == SVG_MIME for img in result.images)
+    if not vectors:
+        text += " Each image below has a preview, a resource link and its saved path;"
+    else:  # an SVG document is not rendered, and no gateway takes one as an input
+        text += " Each image below has a resource link and its saved path, and a preview unless it is an SVG document;"
+    if vectors < len(result.images):
+        text += " pass its imagegen:// URI to edit_image to change it."
     return text
 
 

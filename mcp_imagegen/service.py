@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -45,7 +45,11 @@ from .models import (
     WireResult,
 )
 from .store import ImageStore
+from .svg import SVG_MIME
 from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
+
+if TYPE_CHECKING:
+    from .images import Output  # Pillow loads with the first image, not at start-up
 
 log = logging.getLogger("mcp_imagegen.service")
 
@@ -551,7 +555,7 @@ class ImageService:
         )
 
     @staticmethod
-    def _examine(payload: bytes | str, source: str) -> tuple[bytes, str, int, int]:
+    def _examine(payload: bytes | str, source: str) -> tuple[bytes, Output]:
         """Decode and check one received image (CPU work: run in a worker)."""
         from . import images  # Pillow loads with the first image, not at start-up
 
@@ -565,12 +569,12 @@ class ImageService:
         try:
             # Gateway outputs get the cheap checks (PNG CRCs, a JPEG walk at 1/8 scale): the full
             # decode happens once, in the preview.
-            mime, width, height = images.sniff(data, source=source, verify=False)
+            output = images.inspect_output(data, source=source)
         except InvalidRequestError as exc:
             raise BadGatewayResponseError(
                 f"the gateway returned something that is not a usable image: {exc.message}"
             ) from None
-        return data, mime, width, height
+        return data, output
 
     def _as_is_preview(self, data: bytes, n: int) -> tuple[bytes, str] | None:
         from . import images
@@ -598,9 +602,7 @@ class ImageService:
         request = job.request
         source = f"the image from endpoint {route.endpoint.name!r}"
         try:
-            data, mime, width, height = await in_worker_unless_small(
-                lambda: self._examine(payload, source), len(payload)
-            )
+            data, output = await in_worker_unless_small(lambda: self._examine(payload, source), len(payload))
         except BadGatewayResponseError as exc:
             exc.endpoint = route.endpoint.name
             raise
@@ -611,9 +613,10 @@ class ImageService:
         def save() -> ImageRecord:
             return self.store.save(
                 data,
-                mime_type=mime,
-                width=width,
-                height=height,
+                mime_type=output.mime,
+                width=output.width,
+                height=output.height,
+                frames=output.frames,
                 prompt=request.prompt,
                 operation=request.operation,
                 model=route.model.id,
@@ -626,9 +629,10 @@ class ImageService:
             )
 
         # A small file is its own preview (no thread needed); otherwise the preview's decode and
-        # encode (CPU) overlap the fsync'd write (disk).
-        preview_made = self._as_is_preview(data, request.n) if self._make_previews else None
-        if preview_made is not None or not self._make_previews:
+        # encode (CPU) overlap the fsync'd write (disk). An SVG document gets none: it is not rendered.
+        make_previews = self._make_previews and output.mime != SVG_MIME
+        preview_made = self._as_is_preview(data, request.n) if make_previews else None
+        if preview_made is not None or not make_previews:
             record = await on_disk(save)
         else:
 
@@ -643,6 +647,11 @@ class ImageService:
             self._previews[record.id] = preview_made
             while len(self._previews) > KEEP_PREVIEWS:
                 self._previews.popitem(last=False)
+        if output.active_content:
+            job.warnings.append(
+                f"the SVG document saved at {record.path} contains scripts or links to other documents; "
+                "the server never renders it, but open it only in a viewer you trust"
+            )
         job.saved.append(SavedImage.model_validate(record.model_dump()))
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
 

@@ -140,6 +140,7 @@ class ImageStore:
         parent_ids: list[str] | None = None,
         revised_prompt: str | None = None,
         job_id: str | None = None,
+        frames: int | None = None,
     ) -> ImageRecord:
         """Write the bytes as given (no re-encoding) and their record; returns the record."""
         from .images import EXTENSIONS  # Pillow loads on the first save, not at start-up
@@ -163,6 +164,7 @@ class ImageStore:
             width=width,
             height=height,
             bytes=len(data),
+            frames=frames,
             revised_prompt=revised_prompt,
             prompt=prompt,
             operation=operation,

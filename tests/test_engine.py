@@ -22,6 +22,7 @@ from PIL import Image
 from mcp_imagegen import heap
 from mcp_imagegen.errors import (
     AuthenticationError,
+    BadGatewayResponseError,
     GatewayError,
     ImageGenError,
     InsufficientBalanceError,
@@ -33,6 +34,7 @@ from mcp_imagegen.service import ImageService
 from mcp_imagegen.work import DISK_THREADS
 from tests.conftest import SECRET_KEY, endpoint_for, make_settings
 from tests.emulators import Fault
+from tests.emulators import images as emu_images
 
 pytestmark = pytest.mark.anyio
 
@@ -508,3 +510,89 @@ async def test_freed_memory_is_handed_back_once_the_service_is_idle(
         await anyio.sleep(0.3)
     assert len(trims) == 1
     assert trims[0] - done_at >= 0.19
+
+
+# --- answers that are not plain rasters: SVG documents and animated GIFs ----------------------
+
+# gpt-image-2.6 answers `output_format` svg/gif; until the server knows the gpt-image-2 family
+# (issue 12) it adds `response_format`, which the model refuses. "answered" has the same gateway
+# answer those bytes to gpt-image-1, so the server's handling of them is proven either way.
+NOT_RASTER_ROUTES = [
+    "answered",
+    pytest.param(
+        "gpt-image-2.6",
+        marks=pytest.mark.xfail(reason="issue 12: response_format is sent to gpt-image-2.6", strict=True),
+    ),
+]
+
+
+async def _not_raster(tmp_path: Path, emulator: Any, route: str, fmt: str, size: str) -> tuple[Any, Any, bytes]:
+    """Generate one `fmt` answer through the service; (service result, the service, the gateway's bytes)."""
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    w, h = (int(v) for v in size.split("x"))
+    answer = emu_images.render("flat", w, h, fmt)
+    if route == "answered":
+        emu.set_image(answer, times=1)
+        request = ImageRequest(operation="generate", prompt="a fox", model="gpt-image-1", size=size)
+    else:
+        request = ImageRequest(
+            operation="generate", prompt="a fox", model="gpt-image-2.6-flare", size=size, extra={"output_format": fmt}
+        )
+    service = ImageService(make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)]))
+    async with service:
+        result = await service.generate(request)
+        [image] = result.images
+        preview = service.take_preview(image.id)
+    return result, preview, answer
+
+
+@pytest.mark.parametrize("route", NOT_RASTER_ROUTES)
+async def test_an_svg_answer_is_saved_as_svg_with_its_own_size(tmp_path: Path, emulator: Any, route: str) -> None:
+    result, preview, answer = await _not_raster(tmp_path, emulator, route, "svg", "1536x1024")
+    [image] = result.images
+    assert (image.mime_type, image.width, image.height, image.frames) == ("image/svg+xml", 1536, 1024, None)
+    path = Path(image.path)
+    assert path.suffix == ".svg" and path.read_bytes() == answer and image.bytes == len(answer)
+    assert preview is None and result.warnings == []  # not rendered, and nothing failed trying
+
+
+@pytest.mark.parametrize("route", NOT_RASTER_ROUTES)
+async def test_an_animated_gif_is_saved_whole_with_its_frame_count(tmp_path: Path, emulator: Any, route: str) -> None:
+    result, preview, answer = await _not_raster(tmp_path, emulator, route, "gif", "1024x1536")
+    [image] = result.images
+    assert (image.mime_type, image.width, image.height) == ("image/gif", 1024, 1536)
+    assert image.frames == emu_images.GIF_FRAMES > 1
+    assert Path(image.path).read_bytes() == answer  # never re-encoded
+    data, mime = preview
+    with Image.open(io.BytesIO(data)) as first:  # the first frame's background, not a later one's
+        first = first.convert("RGB")
+        assert mime in ("image/jpeg", "image/png") and not getattr(first, "is_animated", False)
+        r, g, b = first.getpixel((first.width - 4, 4))
+        assert abs(r - 52) < 12 and abs(g - 101) < 12 and abs(b - 164) < 12
+
+
+async def test_a_hostile_svg_is_saved_with_a_warning_and_never_followed(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    hostile = (
+        b'<?xml version="1.0"?>\n<!DOCTYPE svg [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">'
+        b'<!ENTITY ext SYSTEM "' + emu.origin.encode() + b'/files/leak">]>\n'
+        b'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="64" '
+        b'height="48" onload="alert(1)"><text>&b;&ext;</text>'
+        b'<image xlink:href="' + emu.origin.encode() + b'/files/tracker.png"/><script>fetch("/x")</script></svg>'
+    )
+    emu.set_image(hostile, times=1)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    result = await run(settings, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
+    [image] = result.images
+    assert (image.mime_type, image.width, image.height) == ("image/svg+xml", 64, 48)
+    assert Path(image.path).read_bytes() == hostile
+    assert any("scripts or links" in w and image.path in w for w in result.warnings)
+    assert not emu.requests_to("/files/")  # nothing it points at was fetched
+
+
+async def test_a_truncated_svg_answer_is_a_bad_gateway_answer(tmp_path: Path, emulator: Any) -> None:
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    emu.set_image(emu_images.render("flat", 256, 256, "svg")[:-40], times=1)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    with pytest.raises(BadGatewayResponseError, match="truncated SVG"):
+        await run(settings, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))

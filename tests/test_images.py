@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageChops
 
-from mcp_imagegen import b64, images
+from mcp_imagegen import b64, images, svg
 from mcp_imagegen.errors import InvalidRequestError
 
 
@@ -392,3 +392,155 @@ def test_decode_base64_round_trips_with_noise(raw: bytes, cuts: list[int], strip
     for c in sorted(cuts, reverse=True):
         text = text[:c] + "\n " + text[c:]
     assert images.decode_base64(text) == raw
+
+
+# --- outputs that are not plain rasters: SVG documents and animated GIFs ---------------------
+
+SVG_BODY = b'<rect width="10" height="10"/></svg>\n'
+
+
+def svg_doc(root_attrs: str, prolog: bytes = b"") -> bytes:
+    return prolog + b'<svg xmlns="http://www.w3.org/2000/svg" ' + root_attrs.encode() + b">" + SVG_BODY
+
+
+@pytest.mark.parametrize(
+    "prolog",
+    [
+        b"",
+        b'<?xml version="1.0" encoding="UTF-8"?>\n',
+        b'\xef\xbb\xbf<?xml version="1.0"?>\n<!-- made by a model -->\n',
+        b'<?xml version="1.0"?><!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/svg11.dtd">\n',
+        b"  \n\t",
+    ],
+)
+def test_svg_is_recognised_after_any_prolog(prolog: bytes) -> None:
+    data = svg_doc('width="300" height="200"', prolog)
+    assert svg.is_svg(data)
+    out = images.inspect_output(data)
+    assert (out.mime, out.width, out.height, out.frames, out.active_content) == ("image/svg+xml", 300, 200, None, False)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<html><body><svg></svg></body></html>",
+        b'<?xml version="1.0"?><feed><svg/></feed>',
+        b"<svgx></svgx>",
+        b"\x89PNG\r\n\x1a\n<svg>",
+        b"",
+    ],
+)
+def test_other_documents_are_not_svg(data: bytes) -> None:
+    assert not svg.is_svg(data)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "size"),
+    [
+        ('width="640" height="480"', (640, 480)),
+        ('width="640px" height="480.4px"', (640, 480)),
+        ('width="2in" height="1in"', (192, 96)),
+        ('width="25.4mm" height="2.54cm"', (96, 96)),
+        ('viewBox="0 0 1536 1024"', (1536, 1024)),
+        ('viewBox="-10,-10,300,150" width="100%" height="100%"', (300, 150)),
+        ("width='600' viewBox='0 0 300 150'", (600, 300)),
+        ('height="50" viewBox="0 0 300 150"', (100, 50)),
+        ('width="10em" height="5em"', (0, 0)),
+        ("", (0, 0)),
+    ],
+)
+def test_svg_size_comes_from_its_attributes_or_viewbox(attrs: str, size: tuple[int, int]) -> None:
+    info = svg.inspect(svg_doc(attrs))
+    assert (info.width, info.height) == size
+
+
+def test_a_self_closed_svg_root_is_whole() -> None:
+    assert svg.inspect(b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="4"/>')[:2] == (8, 4)
+
+
+def test_a_truncated_svg_is_refused() -> None:
+    whole = svg_doc('width="64" height="64"')
+    with pytest.raises(InvalidRequestError, match="truncated SVG"):
+        images.inspect_output(whole[: len(whole) - 12], "the answer")
+
+
+def test_an_oversized_svg_is_refused_before_it_is_read() -> None:
+    huge = b'<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1">' + b" " * svg.MAX_SVG_BYTES + b"</svg>"
+    with pytest.raises(InvalidRequestError, match="16 MB allowed"):
+        svg.inspect(huge)
+
+
+def test_entities_in_a_hostile_svg_are_never_expanded() -> None:
+    # A billion-laughs DTD: expanding it would take gigabytes. Nothing here parses XML.
+    dtd = b'<!DOCTYPE svg [<!ENTITY a "ha">' + b"".join(
+        b'<!ENTITY %s "%s">' % (b"e%d" % (i + 1), (b"&e%d;" % i if i else b"&a;") * 10) for i in range(9)
+    )
+    data = (
+        b'<?xml version="1.0"?>'
+        + dtd
+        + b"]>"
+        + svg_doc('width="32" height="16"').replace(b"<rect", b"<text>&e9;</text><rect")
+    )
+    info = svg.inspect(data)
+    assert (info.width, info.height, info.active_content) == (32, 16, False)
+
+
+@pytest.mark.parametrize(
+    "inside",
+    [
+        "<script>alert(1)</script>",
+        '<rect onclick="steal()"/>',
+        '<image href="https://tracker.example/pixel.png"/>',
+        '<use xlink:href="//evil.example/sprite.svg#a"/>',
+        '<a href="javascript:alert(1)"><rect/></a>',
+    ],
+)
+def test_scripts_and_external_references_are_flagged(inside: str) -> None:
+    data = svg_doc('width="8" height="8"').replace(b"<rect", inside.encode() + b"<rect", 1)
+    assert svg.inspect(data).active_content
+
+
+def test_local_references_are_not_flagged() -> None:
+    data = svg_doc('width="8" height="8"').replace(b"<rect", b'<use href="#shape"/><rect', 1)
+    assert not svg.inspect(data).active_content
+
+
+def animated(frames: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    colours = [(52, 101, 164), (204, 0, 0), (78, 154, 6), (196, 160, 0)]
+    pictures = [Image.new("RGB", size, colours[i % 4]).convert("P") for i in range(frames)]
+    buf = io.BytesIO()
+    pictures[0].save(buf, "GIF", save_all=True, append_images=pictures[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("frames", [1, 2, 7])
+def test_gif_frames_are_counted_from_the_blocks(frames: int) -> None:
+    data = animated(frames)
+    assert images.gif_frames(data) == frames
+    out = images.inspect_output(data)
+    assert (out.mime, out.width, out.height, out.frames) == ("image/gif", 40, 30, frames)
+
+
+def test_gif_frame_count_of_a_cut_file_does_not_fail() -> None:
+    data = animated(5)
+    for cut in (0, 5, 13, 20, len(data) // 2, len(data) - 1):
+        assert 0 <= images.gif_frames(data[:cut]) <= 5
+
+
+def test_rasters_have_no_frame_count() -> None:
+    out = images.inspect_output(encode(Image.new("RGB", (9, 7)), "PNG"))
+    assert (out.mime, out.width, out.height, out.frames) == ("image/png", 9, 7, None)
+
+
+def test_an_animated_gif_is_previewed_by_its_first_frame() -> None:
+    preview, mime = images.make_preview(animated(4, (600, 400)), max_px=300, max_bytes=50_000)
+    with Image.open(io.BytesIO(preview)) as im:
+        assert mime in ("image/jpeg", "image/webp") and im.size == (300, 200)
+        assert not getattr(im, "is_animated", False)
+        r, g, b = im.convert("RGB").getpixel((150, 100))
+        assert abs(r - 52) < 10 and abs(g - 101) < 10 and abs(b - 164) < 10
+
+
+def test_svg_is_not_an_input_image() -> None:
+    with pytest.raises(InvalidRequestError, match="SVG"):
+        images.sniff(svg_doc('width="8" height="8"'), "mask")

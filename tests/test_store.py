@@ -227,3 +227,13 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path: Path) -> None:
 def test_unknown_mime_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="image/bmp"):
         save(ImageStore(tmp_path), mime_type="image/bmp")
+
+
+def test_an_svg_and_a_gif_keep_their_type_extension_and_frames(tmp_path: Path) -> None:
+    st = ImageStore(tmp_path / "out")
+    doc = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="6"/>'
+    vector = save(st, doc, mime_type="image/svg+xml")
+    assert vector.path.endswith(".svg") and Path(vector.path).read_bytes() == doc and vector.frames is None
+    assert st.read_bytes(vector.id) == (doc, "image/svg+xml")
+    gif = save(st, b"GIF89a-not-checked-here", mime_type="image/gif", frames=4)
+    assert gif.path.endswith(".gif") and st.get(gif.id).frames == 4
