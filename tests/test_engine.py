@@ -514,15 +514,12 @@ async def test_freed_memory_is_handed_back_once_the_service_is_idle(
 
 # --- answers that are not plain rasters: SVG documents and animated GIFs ----------------------
 
-# gpt-image-2.6 answers `output_format` svg/gif; until the server knows the gpt-image-2 family
-# (issue 12) it adds `response_format`, which the model refuses. "answered" has the same gateway
-# answer those bytes to gpt-image-1, so the server's handling of them is proven either way.
+# gpt-image-2.6 answers `output_format` svg/gif (the server knows its family and sends no
+# `response_format`). "answered" has the same gateway answer those bytes to gpt-image-1, so the
+# server's handling of them is proven either way.
 NOT_RASTER_ROUTES = [
     "answered",
-    pytest.param(
-        "gpt-image-2.6",
-        marks=pytest.mark.xfail(reason="issue 12: response_format is sent to gpt-image-2.6", strict=True),
-    ),
+    "gpt-image-2.6",
 ]
 
 
