@@ -406,6 +406,9 @@ async def test_mcp_list_models_shows_provenance_and_extra_null_reaches_the_wire(
         assert nova["family"] == "gpt-image-2.5" and nova["facts"]["capabilities"] == "family"
         assert set(nova["capabilities"]) == {"generate", "edit", "mask", "multi_image"}
         assert "multiples of 16" in nova["size_rules"]
+        listing = "\n".join(b.text for b in listed.content if isinstance(b, TextContent))
+        assert "multiples of 16" in listing  # the text table an agent reads says the same
+        assert "gpt-image-2 on openai: gpt-image-2 is deprecated and shuts down on 2027-03-02" in listing
         made = await client.call_tool(
             "generate_image", {"prompt": "x", "model": UNNAMED, "n": 2, "extra": {"n": None, "user": "u1"}}
         )
