@@ -177,6 +177,15 @@ class LearnedFacts:
         self._facts: dict[str, dict[str, list[Lesson]]] = {}
         self._loaded = path is None
 
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        """Read the file once (blocking: the service calls it through work.on_disk)."""
+        with self._lock:
+            self._load()
+
     def _load(self) -> None:
         if self._loaded:
             return

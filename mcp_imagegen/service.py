@@ -158,6 +158,8 @@ class ImageService:
     async def _needs_gateway(self) -> None:
         if any(_is_http(ep.provider) for ep in self.settings.endpoints):
             await self._gateway_client()
+            if not self._learned.loaded:  # read off the event loop, before any model is resolved
+                await on_disk(self._learned.load)
 
     # --- inputs --------------------------------------------------------------------------------
 
