@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .gateway import GatewayClient
 
 log = logging.getLogger("mcp_imagegen.catalog")
+RELIST_AFTER_S = 60.0  # a model list this old is read again when asked for a model it lacks
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,13 +227,7 @@ class ModelCatalog:
         need = _needed(operation, has_mask, n_images)
         candidates = self._ordered(endpoint)
         for ep in candidates:
-            # Discovery is asked (once per TTL) when the static list cannot answer: a model it
-            # does not name, or no model (the default follows what the gateway serves now).
-            manifest = load_manifest(ep.provider)
-            unnamed = model is not None and model not in self._served_ids(ep)
-            retired = model is not None and not unnamed and self.belief(ep, model).shut_down()
-            if unnamed or retired or (model is None and (manifest.default_preference or not manifest.default_model)):
-                await self._discover_once(ep)
+            await self._discover_if_needed(ep, model)
         routes: list[Route] = []
         if model:
             gone: list[tuple[EndpointConfig, Belief]] = []
@@ -264,6 +259,23 @@ class ModelCatalog:
         first = routes[0]
         same = [r for r in routes[1:] if r.model.id == first.model.id]
         return [first, *same]
+
+    async def _discover_if_needed(self, ep: EndpointConfig, model: str | None) -> None:
+        """Ask the gateway's list (once per TTL) when the static one cannot answer: a model it
+        does not name or records as shut down, or no model (the default follows what is served)."""
+        if model is None:
+            manifest = load_manifest(ep.provider)
+            if manifest.default_preference or not manifest.default_model:
+                await self._discover_once(ep)
+        elif model not in self._served_ids(ep) or self.belief(ep, model).shut_down():
+            cached = self._discovered.get(ep.name)
+            if cached is not None and time.monotonic() - cached.at > RELIST_AFTER_S:
+                # A model released since the list was read: read it again (once a minute at most).
+                try:
+                    await self.refresh(ep, force=True)
+                except ImageGenError as exc:
+                    log.warning("discovery on %s failed: %s", ep.name, exc.message)
+            await self._discover_once(ep)
 
     def _find(self, ep: EndpointConfig, model: str) -> Belief | None:
         """The model on this endpoint, if the endpoint may serve it (shut-down ones included)."""
