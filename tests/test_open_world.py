@@ -416,3 +416,20 @@ async def test_mcp_list_models_shows_provenance_and_extra_null_reaches_the_wire(
         assert not made.is_error, text
     sent = emu.requests_to("/images/generations")
     assert len(sent) == 2 and all("n" not in r.json and r.json["user"] == "u1" for r in sent)
+
+
+async def test_a_model_released_after_the_list_was_read_is_found(
+    tmp_path: Path, started: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcp_imagegen import catalog
+
+    monkeypatch.setattr(catalog, "RELIST_AFTER_S", 0.0)  # the list is "old" at once
+    emu = started(OpenAIEmulator)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    released = "gpt-image-2.8-aurora"
+    async with ImageService(settings) as service:
+        models, _ = await service.list_models()
+        assert released not in {m.id for m in models}
+        emu.image_models = {**emu.image_models, released: replace(GPT_IMAGE_2_7_NOVA, id=released)}
+        result = await service.generate(ImageRequest("generate", "x", model=released))
+    assert result.model == released and refused(emu) == []
