@@ -66,11 +66,16 @@ class Lesson:
 
 _QUOTED = r"['\"`]([A-Za-z0-9_\[\].-]+)['\"`]"
 _UNKNOWN = re.compile(
-    r"(?:unknown|unrecognized|unsupported|unexpected|invalid) (?:parameter|field|argument|property)s?:? " + _QUOTED,
+    r"(?:unknown|unrecognized|unsupported|unexpected) (?:parameter|field|argument|property)s?:? " + _QUOTED,
     re.I,
 )
+# Only a sentence about the field itself: "Parameter 'x' is not supported", "'x' is not
+# supported for this model". A value or a combination refused ("transparent background is not
+# supported for the 'jpeg' output format") is not a lesson about the field.
 _NOT_SUPPORTED = re.compile(
-    r"(?:parameter|field|argument)?\s*" + _QUOTED + r"[^.]{0,40}?(?:is )?not (?:supported|allowed|available)", re.I
+    r"(?:parameter|field|argument)\s+" + _QUOTED + r"\s+is\s+not\s+(?:supported|allowed)"
+    r"|" + _QUOTED + r"\s+is\s+not\s+(?:supported|allowed)\s+(?:for|by|with|on)\s+(?:this|the)\s+model",
+    re.I,
 )
 _SUPPORTED_VALUES = re.compile(r"(?:supported|allowed|valid) values (?:are|is)\s*:?\s*(.+?)(?:\.\s|\.$|$)", re.I)
 _ABOVE_MAX = re.compile(r"(?:<=|at most|maximum(?: value)?(?: of| is)?)\s*(\d+)", re.I)
@@ -108,9 +113,9 @@ def lesson_from(
             return _lesson(param, maximum=int(top.group(1)), said=said, at=now)
     not_supported = _NOT_SUPPORTED.search(text)
     if not_supported:
-        return _lesson(param or not_supported.group(1), refused=True, said=said, at=now)
-    if param and re.search(r"not supported|unsupported|not allowed", text, re.I):
-        return _lesson(param, refused=True, said=said, at=now)
+        named = not_supported.group(1) or not_supported.group(2)
+        if param is None or param == named:
+            return _lesson(named, refused=True, said=said, at=now)
     return None
 
 

@@ -293,6 +293,16 @@ def test_a_known_refused_field_asked_for_is_an_error_naming_it() -> None:
         ("Parameter 'seed' is not supported by model flux-kontext", None, None, ("seed", True)),
         ("'background' is not supported for this model.", "background", None, ("background", True)),
         ("Your prompt may contain text that is not allowed by our safety system.", None, None, None),
+        (
+            "Invalid value: 'transparent'. Transparent backgrounds are not supported with the model "
+            "'gpt-image-2'. Supported values are: 'opaque' and 'auto'.",
+            "background",
+            "invalid_value",
+            ("background", ("opaque", "auto")),
+        ),
+        # A combination refused, not the field: nothing to learn about `background` itself.
+        ("Transparent background is not supported for the 'jpeg' output format.", "background", "invalid_value", None),
+        ("Invalid type for 'n': expected an integer, but got a string instead.", "n", "invalid_type", None),
         ("Invalid 'prompt': string too long.", "prompt", "string_above_max_length", None),
     ],
 )
