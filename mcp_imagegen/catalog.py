@@ -179,7 +179,7 @@ class ModelCatalog:
         elif discovered and spec.id in discovered.models:
             source = "discovered"
         notes = list(belief.notes)
-        deprecation = belief.deprecation()
+        deprecation = belief.deprecation(instead=self.successor(ep, belief))
         if deprecation:
             notes.insert(0, deprecation)
         rules = describe_sizes(spec) if spec.size_rule is not None else None
@@ -373,6 +373,13 @@ class ModelCatalog:
         tail = f" Models that can: {', '.join(able)}." if able else " No configured model can."
         verb = "cannot do" if model else "can do"
         return f"{subject} {verb} {wanted}.{tail}"
+
+    def successor(self, ep: EndpointConfig, belief: Belief) -> str | None:
+        """For a deprecated model: the endpoint's default for what it can do, if that lasts longer."""
+        if belief.deprecation() is None:
+            return None
+        default = self.default_model(ep, set(belief.spec.capabilities or ()) & {"generate", "edit"} or {"generate"})
+        return default.id if default is not None and default.id != belief.id and not default.deprecation() else None
 
     def replacement_for(self, ep: EndpointConfig, need: set[Capability], not_this: str) -> str | None:
         """A model that works on this endpoint, for an error about one that does not."""

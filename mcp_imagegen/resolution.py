@@ -66,12 +66,14 @@ class Belief:
         day = _date(self.spec.shutdown_date)
         return day is not None and day <= (today or _today())
 
-    def deprecation(self, today: dt.date | None = None) -> str | None:
-        """A warning for a model with a shutdown date still ahead, naming the date and replacement."""
+    def deprecation(self, today: dt.date | None = None, *, instead: str | None = None) -> str | None:
+        """A warning for a model with a shutdown date still ahead, naming the date and what to use
+        instead (the provider's named replacement, else `instead`)."""
         day = _date(self.spec.shutdown_date)
         if day is None or day <= (today or _today()):
             return None
-        instead = f"; use {self.spec.replacement} instead" if self.spec.replacement else ""
+        replacement = self.spec.replacement or instead
+        instead = f"; use {replacement} instead" if replacement else ""
         return f"{self.id} is deprecated and shuts down on {day.isoformat()}{instead}"
 
 

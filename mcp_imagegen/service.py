@@ -375,7 +375,7 @@ class ImageService:
             takes={lesson.field: lesson.takes() for lesson in belief.lessons},
         )
         job.prepared = prepared
-        deprecation = belief.deprecation()
+        deprecation = belief.deprecation(instead=self._catalog.successor(route.endpoint, belief))
         if deprecation:
             job.warnings.append(deprecation)
         elif belief.shut_down():  # recorded as shut down, but this gateway cannot say (no discovery)

@@ -198,7 +198,9 @@ async def test_a_deprecated_model_works_with_a_warning(tmp_path: Path, started: 
         assert any("2027-03-02" in note for note in listed["gpt-image-2"].notes)
         result = await service.generate(ImageRequest("generate", "x", model="gpt-image-2"))
     assert len(result.images) == 1
-    assert any("deprecated" in w and "2027-03-02" in w for w in result.warnings)
+    # Named with its date and what to use instead (OpenAI's list names no replacement: the
+    # endpoint's own default stands in).
+    assert any("deprecated" in w and "2027-03-02" in w and "gpt-image-2.5-flare" in w for w in result.warnings)
 
 
 # --- learning from refusals -------------------------------------------------------------------------
