@@ -435,3 +435,16 @@ async def test_a_model_released_after_the_list_was_read_is_found(
         emu.image_models = {**emu.image_models, released: replace(GPT_IMAGE_2_7_NOVA, id=released)}
         result = await service.generate(ImageRequest("generate", "x", model=released))
     assert result.model == released and refused(emu) == []
+
+
+async def test_a_shut_down_model_on_a_gateway_without_a_list_is_sent_once(tmp_path: Path, started: Any) -> None:
+    emu = started(ModelmaxEmulator)  # Google discontinued imagen-3; modelmax has no model list to ask
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    async with ImageService(settings) as service:
+        for _ in range(2):
+            with pytest.raises(ModelNotFoundError) as err:
+                await service.generate(ImageRequest("generate", "x", model="imagen-3"))
+            assert "'seedream-5.0-lite'" in err.value.message  # names the one that works
+        result = await service.generate(ImageRequest("generate", "x"))
+    assert result.model == "seedream-5.0-lite"
+    assert [r.json["model"] for r in emu.requests_to("/images/generations")] == ["imagen-3", "seedream-5.0-lite"]
