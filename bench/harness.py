@@ -474,8 +474,6 @@ class EndpointSpec:
     provider: str = "openai"
     max_concurrency: int = 64
     models: tuple[str, ...] | None = None
-    # model id -> sizes, written as `model_overrides` (a gateway that takes more than the family does)
-    sizes: dict[str, tuple[str, ...]] | None = None
 
 
 def _toml_str(value: str) -> str:
@@ -495,9 +493,6 @@ def write_config(path: Path, output_dir: Path, endpoints: Iterable[EndpointSpec]
         ]
         if ep.models is not None:
             lines.append("models = [" + ", ".join(_toml_str(m) for m in ep.models) + "]")
-        for model, sizes in (ep.sizes or {}).items():
-            lines.append(f"[endpoints.model_overrides.{_toml_str(model)}]")
-            lines.append("sizes = [" + ", ".join(_toml_str(size) for size in sizes) + "]")
         lines.append("")
     path.write_text("\n".join(lines))
     return path
