@@ -197,7 +197,7 @@ def resolve(
 
 
 def _limit_to_operations(fields: dict[str, Any], sources: dict[str, Provenance], manifest: Manifest) -> None:
-    """A gateway without an edit operation (or without a mask or several-image field) cannot do
+    """A gateway without an edit operation (or a multipart edit without a mask field) cannot do
     what the model could elsewhere: that is known false here, whatever the family says."""
     if manifest.transport != "http":
         return
