@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import InvalidRequestError
-from .manifests import InputSpec, Manifest, ModelSpec, OperationSpec, ParamSpec
-from .models import CANONICAL_KNOBS, ImageRequest, InputImage, Operation
+from .manifests import InputSpec, Manifest, ModelSpec, OperationSpec, ParamSpec, SizeRule
+from .models import CANONICAL_KNOBS, CAPABILITIES, ImageRequest, InputImage, Operation
 
 MaskSemantics = Literal["transparent", "white"]
 
@@ -43,11 +43,20 @@ class PreparedRequest:
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # pass-through fields, cleaned
     mask_semantics: MaskSemantics | None = None  # what the gateway's mask marks; None without a mask
+    removed: set[str] = field(default_factory=set)  # wire fields never to send (`extra` nulls, refusals)
+    added: set[str] = field(default_factory=set)  # wire fields the server chose, not the caller
 
 
 def _names(models: Sequence[ModelSpec], need: str) -> str:
-    found = [m.id for m in models if need in m.capabilities]
+    found = [m.id for m in models if need in (m.capabilities or ())]
     return ", ".join(found) if found else "none"
+
+
+def _served(manifest: Manifest) -> list[ModelSpec]:
+    from .resolution import resolve
+
+    beliefs = [resolve(m.id, manifest) for m in manifest.models]
+    return [b.spec for b in beliefs if not b.shut_down()]
 
 
 def _operation_spec(manifest: Manifest, operation: Operation) -> OperationSpec | None:
@@ -73,25 +82,39 @@ def _check_size(
             warnings.append(f"{model.id}{where} does not take a size; size {asked!r} dropped")
         return None
     if not asked:
-        # The documented default keeps results predictable across gateways.
+        # The documented default keeps results predictable across gateways; without one the
+        # gateway picks (a size the server made up could be refused).
         return model.default_size
+    rule = model.size_rule
     if asked.lower() == "auto":
         listed = model.sizes is not None and "auto" in model.sizes
-        unknown = model.sizes is None and model.max_dimension is None  # nothing known: let the gateway judge
-        if listed or unknown:
+        # Nothing known about sizes: let the gateway judge.
+        unknown = model.sizes is None and rule is None and model.max_dimension is None
+        if listed or unknown or (rule is not None and rule.auto):
             return "auto"
-        allowed = f"; allowed sizes: {', '.join(model.sizes)}" if model.sizes else ""
-        raise InvalidRequestError(f"{model.id}{where} does not take size 'auto'{allowed}")
+        raise InvalidRequestError(f"{model.id}{where} does not take size 'auto'{_allowed_sizes(model)}")
+    token = _size_token(asked, model)
+    if token is not None:
+        return token
     dims = parse_size(asked)
     if dims is None:
-        allowed = f" (allowed: {', '.join(model.sizes)})" if model.sizes else ""
-        raise InvalidRequestError(f"size {asked!r} is not WIDTHxHEIGHT like '1024x1024'{allowed}")
+        if model.sizes is None and rule is None and model.max_dimension is None:
+            return asked  # a token this server does not know, for a model it knows nothing of
+        raise InvalidRequestError(f"size {asked!r} is not WIDTHxHEIGHT like '1024x1024'{_allowed_sizes(model)}")
     width, height = dims
     normal = f"{width}x{height}"
     if model.sizes is not None:
-        if normal not in model.sizes:
+        if normal in model.sizes:
+            return normal
+        if rule is None:
             raise InvalidRequestError(
                 f"size {asked!r} is not available for {model.id}{where}; allowed sizes: {', '.join(model.sizes)}"
+            )
+    if rule is not None:
+        broken = size_rule_problem(width, height, rule)
+        if broken:
+            raise InvalidRequestError(
+                f"size {normal} is not available for {model.id}{where}: {broken}{_allowed_sizes(model)}"
             )
         return normal
     low, high = model.min_dimension or 1, model.max_dimension
@@ -100,6 +123,77 @@ def _check_size(
         bounds = f"from {low} to {high} px" if high is not None else f"at least {low} px"
         raise InvalidRequestError(f"size {normal} is not available for {model.id}{where}: each side must be {bounds}")
     return normal
+
+
+def _size_token(asked: str, model: ModelSpec) -> str | None:
+    """An aspect-ratio ("16:9") or resolution ("2K") token the model takes, in its spelling."""
+    rule = model.size_rule
+    tokens = list(model.sizes or ())
+    if rule is not None:
+        tokens += [*(rule.aspect_ratios or ()), *(rule.resolutions or ())]
+    by_lower = {t.lower(): t for t in tokens if parse_size(t) is None}
+    return by_lower.get(asked.replace(" ", "").lower())
+
+
+def size_rule_problem(width: int, height: int, rule: SizeRule) -> str | None:
+    """The first rule a WxH breaks, stated so that the caller can pick a size that works."""
+    long_side, short_side = max(width, height), min(width, height)
+    pixels = width * height
+    if rule.multiple_of and (width % rule.multiple_of or height % rule.multiple_of):
+        return f"both sides must be multiples of {rule.multiple_of}"
+    if rule.min_side and short_side < rule.min_side:
+        return f"each side must be at least {rule.min_side} px"
+    if rule.max_side and long_side > rule.max_side:
+        return f"the longest side must be at most {rule.max_side} px"
+    if rule.max_aspect and long_side > rule.max_aspect * short_side:
+        return f"the aspect ratio must be within {_num(rule.max_aspect)}:1"
+    if rule.min_pixels and pixels < rule.min_pixels:
+        return f"it must have at least {rule.min_pixels:,} pixels (it has {pixels:,})"
+    if rule.max_pixels and pixels > rule.max_pixels:
+        return f"it must have at most {rule.max_pixels:,} pixels (it has {pixels:,})"
+    if (rule.aspect_ratios or rule.resolutions) and not (
+        rule.multiple_of or rule.min_side or rule.max_side or rule.min_pixels or rule.max_pixels
+    ):
+        return "the model takes aspect-ratio or resolution tokens, not pixel sizes"
+    return None
+
+
+def describe_sizes(model: ModelSpec) -> str:
+    """The sizes a model takes, in words (for messages and list_models)."""
+    parts: list[str] = []
+    if model.sizes:
+        parts.append(", ".join(model.sizes))
+    rule = model.size_rule
+    if rule is not None:
+        bounds: list[str] = []
+        if rule.auto and not (model.sizes and "auto" in model.sizes):
+            bounds.append("auto")
+        wxh: list[str] = []
+        if rule.multiple_of:
+            wxh.append(f"sides multiples of {rule.multiple_of}")
+        if rule.min_side:
+            wxh.append(f"sides at least {rule.min_side} px")
+        if rule.max_side:
+            wxh.append(f"longest side at most {rule.max_side} px")
+        if rule.max_aspect:
+            wxh.append(f"aspect ratio within {_num(rule.max_aspect)}:1")
+        if rule.max_pixels:
+            wxh.append(f"{rule.min_pixels or 1:,} to {rule.max_pixels:,} pixels")
+        elif rule.min_pixels:
+            wxh.append(f"at least {rule.min_pixels:,} pixels")
+        if wxh:
+            bounds.append("WxH with " + ", ".join(wxh))
+        if rule.aspect_ratios:
+            bounds.append("aspect ratios " + ", ".join(rule.aspect_ratios))
+        if rule.resolutions:
+            bounds.append("resolutions " + ", ".join(rule.resolutions))
+        parts.extend(bounds)
+    return "; ".join(parts)
+
+
+def _allowed_sizes(model: ModelSpec) -> str:
+    described = describe_sizes(model)
+    return f" (allowed: {described})" if described else ""
 
 
 def _coerce(name: str, spec: ParamSpec, value: Any) -> Any:
@@ -174,24 +268,36 @@ def prepare(
     max_total_n: int = 10,
     endpoint: str | None = None,
     endpoint_models: Sequence[ModelSpec] | None = None,
+    takes: Mapping[str, str] | None = None,
 ) -> PreparedRequest:
     """Validate `request` for `model` on this gateway; raise InvalidRequestError when it cannot work.
 
-    `endpoint` names the endpoint in messages; `endpoint_models` are the models it serves (the
-    manifest's by default), listed when the chosen model cannot do what was asked.
+    `model` is a resolved spec (resolution.py): a None field is unknown, and only what is known
+    to be false is refused here; the gateway judges the rest. `endpoint` names the endpoint in
+    messages; `endpoint_models` are the models it serves (the manifest's by default), listed when
+    the chosen model cannot do what was asked; `takes` says, per wire field, what the model is
+    known to take (from what the gateway taught), for the message when a field is refused.
     """
-    models = list(endpoint_models) if endpoint_models is not None else list(manifest.models)
+    models = list(endpoint_models) if endpoint_models is not None else _served(manifest)
     where = f" on {endpoint!r}" if endpoint else ""
     warnings: list[str] = []
     operation = request.operation
+    refused = set(model.refused_fields)
+    capabilities = model.capabilities if model.capabilities is not None else list(CAPABILITIES)
 
-    if operation not in model.capabilities:
+    if operation not in capabilities:
         verb = "edit images" if operation == "edit" else "generate images"
         raise InvalidRequestError(f"{model.id}{where} cannot {verb}; models here that can: {_names(models, operation)}")
     op_spec = _operation_spec(manifest, operation)
     if op_spec is None and manifest.transport == "http":
         raise InvalidRequestError(f"{manifest.name} has no {operation} operation")
-    sends: Sequence[str] = op_spec.sends if op_spec is not None else _BUILTIN_SENDS
+    sends: Sequence[str] = [f for f in (op_spec.sends if op_spec is not None else _BUILTIN_SENDS) if f not in refused]
+
+    # --- extra: values of null remove a field from what is sent ---
+    extra = {k: v for k, v in request.extra.items() if v is not None}
+    removed = {k for k, v in request.extra.items() if v is None}
+    if removed & {"model", "prompt"}:
+        raise InvalidRequestError("extra cannot remove model or prompt; every gateway needs them")
 
     # --- prompt and n ---
     prompt = request.prompt if isinstance(request.prompt, str) else ""
@@ -209,7 +315,12 @@ def prepare(
     if n > max_total_n:
         raise InvalidRequestError(f"n={n} is more than the {max_total_n} allowed per call")
 
+    if "size" in removed:
+        sends = [f for f in sends if f != "size"]
     size = _check_size(request, model, sends, warnings, where)
+    added: set[str] = set()
+    if size is not None and not request.size:
+        added.add("size")
 
     # --- knobs ---
     knobs: dict[str, Any] = {}
@@ -217,26 +328,51 @@ def prepare(
     for name, value in request.knobs.items():
         if value is None:
             continue
+        if model.knobs is None:
+            # What the model takes is not known: send it as asked; the gateway judges. A knob
+            # the gateway's manifest declares (for every model it serves) is still checked.
+            declared = manifest.params.get(name)
+            wire = declared.wire_name(name) if declared else name
+            knobs[wire] = _check_knob(name, declared, value) if declared else value
+            continue
         spec = manifest.knob(model, name) if name in CANONICAL_KNOBS else None
         if spec is None:
             dropped.append(name)
             continue
         knobs[spec.wire_name(name)] = _check_knob(name, spec, value)
     if dropped:
-        takes = ", ".join(model.knobs) if model.knobs else "none"
-        warnings.append(f"{model.id}{where} does not take {', '.join(dropped)}; dropped (it takes: {takes})")
+        takes_knobs = ", ".join(model.knobs) if model.knobs else "none"
+        warnings.append(f"{model.id}{where} does not take {', '.join(dropped)}; dropped (it takes: {takes_knobs})")
 
-    # --- response_format: ours to choose ---
-    takes_format = model.response_format and "response_format" in sends
-    extra = dict(request.extra)
+    # --- response_format: ours to choose, and only sent where it is known to be taken ---
+    takes_format = model.response_format is True and "response_format" in sends and "response_format" not in removed
     if "response_format" in extra:
         asked = extra.pop("response_format")
-        if not model.response_format:
+        if model.response_format is False:
             warnings.append(f"{model.id} always returns base64; response_format dropped")
-        elif not takes_format:
+        elif "response_format" not in sends:
             warnings.append(f"{model.id}{where} does not take response_format; dropped")
         elif asked != "b64_json":
             warnings.append(f"response_format {asked!r} dropped: the server asks for b64_json (result URLs expire)")
+    if takes_format:
+        added.add("response_format")
+
+    # --- fields the model is known to refuse: never sent unasked, refused when asked ---
+    asked_refused = sorted((set(knobs) | set(extra) | ({"size"} if request.size else set())) & refused)
+    if asked_refused:
+        name = asked_refused[0]
+        what = (takes or {}).get(name) or f"{model.id} does not take {name}"
+        raise InvalidRequestError(
+            f"{name} cannot be sent to {model.id}{where}: {what}; remove {name} "
+            f"(it was refused by the gateway or is documented as not taken)"
+        )
+
+    for name, value in extra.items():
+        allowed = model.accepted_values.get(name)
+        if allowed is not None and value not in allowed:
+            raise InvalidRequestError(
+                f"{name}={value!r} is not taken by {model.id}{where}; use one of: {', '.join(map(str, allowed))}"
+            )
 
     # --- edits: inputs and mask ---
     inputs: InputSpec | None = op_spec.inputs if op_spec is not None else None
@@ -245,17 +381,17 @@ def prepare(
         count = len(request.images)
         if count == 0:
             raise InvalidRequestError("edit needs at least one input image")
-        if count > 1 and "multi_image" not in model.capabilities:
+        if count > 1 and "multi_image" not in capabilities:
             raise InvalidRequestError(
                 f"{model.id}{where} edits one image at a time, {count} were given; "
                 f"models here that take several: {_names(models, 'multi_image')}"
             )
-        if count > model.max_input_images:
+        if model.max_input_images is not None and count > model.max_input_images:
             raise InvalidRequestError(
                 f"{count} input images given; {model.id}{where} takes at most {model.max_input_images}"
             )
         if request.mask is not None:
-            if "mask" not in model.capabilities:
+            if "mask" not in capabilities:
                 raise InvalidRequestError(
                     f"{model.id}{where} does not take a mask; models here that do: {_names(models, 'mask')}"
                 )
@@ -282,15 +418,18 @@ def prepare(
         )
 
     # --- fan-out ---
-    per_request = max(1, model.max_n) if "n" in sends else 1
+    per_request = max(1, model.max_n or 1) if "n" in sends and "n" not in removed else 1
     batches = _batches(n, per_request)
     if len(batches) > 1:
         split = "+".join(map(str, batches))
         if "n" in sends:
             why = f"{model.id}{where} returns at most {per_request} image{'s' if per_request > 1 else ''} per request"
         else:
-            why = f"{manifest.name} takes no n"
+            why = f"{manifest.name} takes no n" if "n" not in refused else f"{model.id}{where} takes no n"
         warnings.append(f"{why}; sent {len(batches)} parallel requests ({split})")
+    if "n" not in sends:
+        removed.add("n")
+    removed |= refused - set(knobs) - set(extra)
 
     return PreparedRequest(
         model=model,
@@ -301,6 +440,8 @@ def prepare(
         warnings=warnings,
         extra=extra,
         mask_semantics=mask_semantics,
+        removed=removed,
+        added=added,
     )
 
 

@@ -232,7 +232,7 @@ async def _models(service: Any, args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     rows = [("ENDPOINT", "MODEL", "CAPABILITIES", "SIZES", "MAX N")]
     for m in models:
-        sizes = ", ".join(m.sizes) if m.sizes else "any"
+        sizes = ", ".join(m.sizes) if m.sizes else m.size_rules or "any"
         rows.append((m.endpoint, m.id, ",".join(m.capabilities), sizes, str(m.max_n or "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

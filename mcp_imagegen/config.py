@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .manifests import ModelSpec
 
 CONFIG_ENV = "MCP_IMAGEGEN_CONFIG"
 OUTPUT_DIR_ENV = "MCP_IMAGEGEN_OUTPUT_DIR"
@@ -44,6 +45,11 @@ class EndpointConfig(BaseModel):
     timeout_s: float = Field(default=180.0, gt=0, description="Total time one gateway call may take.")
     max_concurrency: int = Field(default=4, ge=1, le=256, description="Gateway calls in flight at once.")
     priority: int = Field(default=0, description="Higher is tried first when several endpoints serve a model.")
+    model_overrides: dict[str, ModelSpec] = Field(
+        default_factory=dict,
+        description="Per model id: facts that correct what the server believes (any ModelSpec field; "
+        "given fields win).",
+    )
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
 
     @field_validator("name")
@@ -51,6 +57,14 @@ class EndpointConfig(BaseModel):
     def _name_is_simple(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError("must be non-empty and use only letters, digits, '-', '_' and '.'")
+        return v
+
+    @field_validator("model_overrides", mode="before")
+    @classmethod
+    def _override_ids(cls, v: Any) -> Any:
+        # The table's key is the model id; the table itself holds only the corrected fields.
+        if isinstance(v, dict):
+            return {k: {**t, "id": k} if isinstance(t, dict) else t for k, t in v.items()}
         return v
 
     @field_validator("base_url")
@@ -242,6 +256,15 @@ def _check_providers_and_keys(settings: Settings, env: Mapping[str, str], source
                 f"{where}: endpoints[{i}].base_url: provider {ep.provider!r} has no default base URL; "
                 f"set base_url for endpoint {ep.name!r}"
             )
+        from .manifests import family, load_families
+
+        for model_id, override in ep.model_overrides.items():
+            if override.family is not None and family(override.family) is None:
+                names = ", ".join(f.id for f in load_families())
+                raise ConfigError(
+                    f"{where}: endpoints[{i}].model_overrides.{model_id!r}.family: unknown family "
+                    f"{override.family!r} (endpoint {ep.name!r}); known families: {names}"
+                )
         key_env = ep.api_key_env or manifest.key_env
         key = _env_value(env, key_env) if key_env else None
         if key:

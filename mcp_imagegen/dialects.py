@@ -33,7 +33,7 @@ from .errors import (
     QuotaExhaustedError,
     RateLimitedError,
 )
-from .manifests import Manifest
+from .manifests import Manifest, ParamSpec
 from .models import Capability, ImageRequest, InputImage, WireImage, WireResult
 
 GATEWAY_MESSAGE_LIMIT = 500
@@ -169,6 +169,8 @@ def encode(
         fields["response_format"] = "b64_json"
     fields.update(prepared.knobs)
     fields.update(prepared.extra)
+    for name in prepared.removed:  # `extra` values of null, and fields the model refuses
+        fields.pop(name, None)
 
     inputs = op.inputs
     if request.operation != "edit" or inputs is None:
@@ -377,6 +379,7 @@ class _ErrorInfo:
     message: str | None = None
     code: str | None = None
     type: str | None = None
+    param: str | None = None
     status_hint: int | None = None
 
 
@@ -405,6 +408,7 @@ def _error_info(body: bytes | str) -> _ErrorInfo:
         info.message = _as_code(err.get("message")) or _as_code(err.get("msg"))
         info.code = _as_code(err.get("code"))
         info.type = _as_code(err.get("type"))
+        info.param = _as_code(err.get("param"))
         info.status_hint = _status_like(err.get("status")) or _status_like(err.get("code"))
     elif isinstance(err, str) and err:  # legacy: {"error": "Insufficient balance", "status": 402}
         info.message = err
@@ -485,9 +489,14 @@ _MODEL_DENIED = re.compile(
 )
 
 
+_NO_CHANNEL = re.compile(r"no available channel")
+
+
 def _kind(status: int | None, info: _ErrorInfo) -> str:
     words = " ".join(x for x in (info.code, info.type, info.message) if x).lower()
     if status is None:  # a 2xx with an error body and no status of its own: words decide
+        if _NO_CHANNEL.search(words):
+            return "model_not_found"
         if _CONTENT.search(words):
             return "content_blocked"
         if _MODEL_MISSING.search(words):
@@ -531,6 +540,8 @@ def _kind(status: int | None, info: _ErrorInfo) -> str:
         return "invalid_request"
     if status == 429:
         return "quota_exhausted" if _QUOTA.search(words) else "rate_limited"
+    if _NO_CHANNEL.search(words):  # a relay with no upstream for the model: retrying cannot help
+        return "model_not_found"
     if status == 409 or status >= 500:
         return "gateway_failure"
     if 400 <= status < 500:
@@ -618,13 +629,15 @@ def classify_error(
     if gateway_message:
         message += f": {gateway_message}"
     cls = _KIND_CLASSES.get(kind, GatewayError)
-    return cls(
+    error = cls(
         message,
         status=effective if effective is not None else status,
         gateway_message=gateway_message or None,
         endpoint=endpoint,
         retry_after_s=retry_after,
     )
+    error.gateway_code, error.gateway_param = info.code, info.param
+    return error
 
 
 # --- model discovery ----------------------------------------------------------------------------
@@ -632,11 +645,17 @@ def classify_error(
 
 @dataclass(frozen=True, slots=True)
 class DiscoveredModel:
+    """What a discovery answer says of one model; None (or empty) is "not said", never "no"."""
+
     id: str
-    capabilities: tuple[Capability, ...] | None = None  # None: the gateway does not say
+    capabilities: tuple[Capability, ...] | None = None  # those the gateway says the model has
+    lacks: tuple[Capability, ...] = ()  # those it explicitly says the model has not
     sizes: tuple[str, ...] | None = None
     max_n: int | None = None
     max_input_images: int | None = None
+    knobs: dict[str, ParamSpec] | None = None  # canonical knobs with typed schemas
+    shutdown_date: str | None = None  # YYYY-MM-DD (OpenAI's /v1/models)
+    description: str | None = None
 
 
 def _int(value: Any) -> int | None:
@@ -710,25 +729,76 @@ _CAP_WORDS: dict[str, tuple[Capability, ...]] = {
 }
 
 
-def _capabilities(item: dict[str, Any], max_inputs: int | None) -> tuple[Capability, ...] | None:
+def _capabilities(
+    item: dict[str, Any], max_inputs: int | None
+) -> tuple[tuple[Capability, ...] | None, tuple[Capability, ...]]:
+    """(capabilities said to be there, capabilities said to be absent); unnamed ones are neither."""
     raw = item.get("capabilities")
-    names: list[str] = []
+    yes: list[str] = []
+    no: list[str] = []
     if isinstance(raw, dict):
-        names = [k for k, v in raw.items() if v is True]
+        yes = [k for k, v in raw.items() if v is True]
+        no = [k for k, v in raw.items() if v is False]
     elif isinstance(raw, list):
-        names = [x for x in raw if isinstance(x, str)]
+        yes = [x for x in raw if isinstance(x, str)]
     elif isinstance(raw, str):
-        names = [raw]
+        yes = [raw]
     else:
-        return None
-    found: set[Capability] = set()
-    for name in names:
-        key = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        found.update(_CAP_WORDS.get(key, ()))
+        return None, ()
+
+    def words(names: list[str]) -> set[Capability]:
+        found: set[Capability] = set()
+        for name in names:
+            key = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+            found.update(_CAP_WORDS.get(key, ()))
+        return found
+
+    found = words(yes)
     if "edit" in found and max_inputs is not None and max_inputs > 1:
         found.add("multi_image")
+    # "inpainting: false" says the model takes no mask; it does not say the model cannot edit.
+    absent = {c for name in no for c in _CAP_WORDS.get(re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"), ())[-1:]}
+    absent -= found
     order: tuple[Capability, ...] = ("generate", "edit", "mask", "multi_image")
-    return tuple(c for c in order if c in found)
+    return tuple(c for c in order if c in found), tuple(c for c in order if c in absent)
+
+
+_KNOB_TYPES = {
+    "integer": "integer",
+    "int": "integer",
+    "number": "number",
+    "float": "number",
+    "string": "string",
+    "boolean": "boolean",
+    "bool": "boolean",
+}
+
+
+def _typed_knobs(params: dict[str, Any], manifest: Manifest) -> dict[str, ParamSpec] | None:
+    """Canonical knobs from nano-gpt-style typed parameter schemas ({type, min, max, enum})."""
+    from .models import CANONICAL_KNOBS
+
+    knobs: dict[str, ParamSpec] = {}
+    for name, schema in params.items():
+        if name not in CANONICAL_KNOBS or not isinstance(schema, dict):
+            continue
+        known = manifest.params.get(name)
+        declared = _KNOB_TYPES.get(str(schema.get("type", "")).lower())
+        enum = schema.get("enum") or schema.get("values") or schema.get("options")
+        kind = declared or (known.type if known else None) or ("string" if isinstance(enum, list) else "number")
+        low, high = _number(schema.get("min")), _number(schema.get("max"))
+        try:
+            knobs[name] = ParamSpec(
+                wire=known.wire if known else None,
+                type=kind,  # type: ignore[arg-type]
+                enum=list(enum) if isinstance(enum, list) else None,
+                min=low,
+                max=high,
+                description=str(schema.get("description", "")),
+            )
+        except ValueError:
+            continue
+    return knobs or None
 
 
 def decode_models(manifest: Manifest, body: Any) -> list[DiscoveredModel]:
@@ -750,7 +820,13 @@ def decode_models(manifest: Manifest, body: Any) -> list[DiscoveredModel]:
             if pattern is not None and not pattern.search(model_id):
                 continue
             seen.add(model_id)
-            found.append(DiscoveredModel(id=model_id))
+            shutdown = item.get("shutdown_date")
+            found.append(
+                DiscoveredModel(
+                    id=model_id,
+                    shutdown_date=shutdown[:10] if isinstance(shutdown, str) and shutdown.strip() else None,
+                )
+            )
         return found
     for item in _model_items(body, ("data", "models")):
         model_id = item.get("id") or item.get("model")
@@ -769,10 +845,15 @@ def decode_models(manifest: Manifest, body: Any) -> list[DiscoveredModel]:
         fixed = _int(params.get("fixed_image_count"))
         if fixed is not None:
             max_n = fixed
+        has, lacks = _capabilities(item, max_inputs)
+        description = item.get("description")
         found.append(
             DiscoveredModel(
                 id=model_id,
-                capabilities=_capabilities(item, max_inputs),
+                capabilities=has,
+                lacks=lacks,
+                knobs=_typed_knobs(params, manifest),
+                description=description if isinstance(description, str) and description else None,
                 sizes=_sizes(params),
                 max_n=max_n if max_n and max_n > 0 else None,
                 max_input_images=max_inputs if max_inputs and max_inputs > 0 else None,

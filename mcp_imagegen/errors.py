@@ -14,6 +14,10 @@ class ImageGenError(Exception):
 
     kind: ClassVar[str] = "error"
     retryable: ClassVar[bool] = False
+    # A gateway's own error code and the request field it blames (OpenAI's `code` and `param`),
+    # kept so the server can learn from a refusal (learning.py).
+    gateway_code: str | None = None
+    gateway_param: str | None = None
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ class Job:
     error: ImageGenError | None = None
     progress: ProgressFn | None = None
     route: Any = None  # catalog.Route, once chosen
+    prepared: Any = None  # checks.PreparedRequest for that route (what will be sent)
     usage: dict[str, Any] | None = None
     cost: float | None = None
     balance: float | None = None

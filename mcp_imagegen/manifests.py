@@ -9,6 +9,7 @@ manifest, not Python.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -104,22 +105,75 @@ class DiscoverySpec(_Strict):
     auth: bool = True
 
 
+class SizeRule(_Strict):
+    """Sizes a model takes by rule rather than by list (the gpt-image-2 family, Qwen, Seedream).
+
+    A WxH passes when every bound given holds; `auto`, aspect-ratio tokens ("16:9") and resolution
+    tokens ("2K") pass when listed. A bound left out is not checked: the gateway judges it.
+    """
+
+    auto: bool = False
+    multiple_of: int | None = Field(default=None, ge=1)
+    min_side: int | None = Field(default=None, ge=1)
+    max_side: int | None = Field(default=None, ge=1)  # the longest side
+    max_aspect: float | None = Field(default=None, ge=1)  # longest side / shortest side
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+    aspect_ratios: list[str] | None = None  # tokens sent as they are, e.g. "16:9"
+    resolutions: list[str] | None = None  # tokens sent as they are, e.g. "2K"
+
+
 class ModelSpec(_Strict):
+    """What is believed about one model. In a manifest, a family or an override, a field left out
+    is unknown there and comes from a less specific layer (see resolution.py); after resolution
+    the spec is complete, and None means that nothing is known (the gateway judges)."""
+
     id: str
-    capabilities: list[Capability]
-    sizes: list[str] | None = None  # None: any WxH within max_dimension
+    family: str | None = None  # a family id from families.toml: treat the model as its member
+    capabilities: list[Capability] | None = None
+    sizes: list[str] | None = None  # None: any size the size rule (if any) allows
+    size_rule: SizeRule | None = None
     default_size: str | None = None
     max_dimension: int | None = None
     min_dimension: int | None = None  # with sizes None: the smallest side a WxH may have
-    max_n: int = 1
+    max_n: int | None = Field(default=None, ge=1)
     max_prompt_chars: int | None = None
-    max_input_images: int = 1
-    knobs: list[str] = Field(default_factory=list)  # canonical knobs this model takes
+    max_input_images: int | None = Field(default=None, ge=1)
+    knobs: list[str] | None = None  # canonical knobs this model takes; None: not known
     knob_overrides: dict[str, ParamSpec] = Field(default_factory=dict)
-    response_format: bool = True  # False: the model rejects `response_format` (gpt-image)
+    response_format: bool | None = None  # True: takes it; False: rejects it (gpt-image); None: unknown
+    refused_fields: list[str] = Field(default_factory=list)  # wire fields the model is known to refuse
+    # Values known to be taken by wire fields that have no canonical knob (passed in `extra`).
+    accepted_values: dict[str, list[Any]] = Field(default_factory=dict)
     edit_formats: list[str] | None = None  # input formats the edit accepts, if narrower
     edit_square: bool = False  # dall-e-2 edits want a square image
+    shutdown_date: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")  # the provider's date
+    replacement: str | None = None  # what the provider names instead of a deprecated model
     description: str = ""
+
+    def set_fields(self) -> dict[str, Any]:
+        """The fields this layer states (given in its source), without the id."""
+        return {name: getattr(self, name) for name in self.model_fields_set if name != "id"}
+
+
+class Family(ModelSpec):
+    """Models whose ids match one of `patterns` share this spec, on every gateway serving them."""
+
+    patterns: list[str] = Field(min_length=1)
+    extends: str | None = None  # another family whose facts this one starts from
+
+    def matches(self, model_id: str) -> bool:
+        return any(re.search(p, model_id, re.I) for p in self.patterns)
+
+    def set_fields(self) -> dict[str, Any]:
+        fields = super().set_fields()
+        for name in ("patterns", "extends", "family"):
+            fields.pop(name, None)
+        return fields
+
+
+class _Families(_Strict):
+    families: list[Family]
 
 
 class Manifest(_Strict):
@@ -138,9 +192,16 @@ class Manifest(_Strict):
     # Gateway error codes or types -> our error kinds, beyond what status codes say.
     error_codes: dict[str, str] = Field(default_factory=dict)
     models: list[ModelSpec] = Field(default_factory=list)
+    # The default when the endpoint's served models are not known (no discovery): a current id.
     default_model: str | None = None
-    # Applies to models the manifest does not list (discovered or named in configuration).
+    # With discovery: the first served model matching the first pattern that matches any, so the
+    # default follows what the gateway serves now instead of an id that may be gone.
+    default_preference: list[str] = Field(default_factory=list)
+    # Set on gateways that serve ids nobody can list: any id is sent, with these facts (if any).
     unknown_models: ModelSpec | None = None
+    # Facts the gateway states for every model it serves, whatever the model's family says
+    # (e.g. a gateway that takes `response_format` itself for every model).
+    model_defaults: ModelSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -153,29 +214,30 @@ class Manifest(_Strict):
         if len(ids) != len(set(ids)):
             raise ValueError("models: duplicate model id")
         for m in self.models:
-            for knob in m.knobs:
+            for knob in m.knobs or ():
                 if knob not in self.params and knob not in m.knob_overrides:
                     raise ValueError(f"models[{m.id}].knobs: {knob!r} is not defined in params")
-            if ("edit" in m.capabilities) and "edit" not in self.operations and self.transport == "http":
+            if "edit" in (m.capabilities or ()) and "edit" not in self.operations and self.transport == "http":
                 raise ValueError(f"models[{m.id}]: can edit but operations.edit is missing")
         for code, kind in self.error_codes.items():
             if kind not in ERROR_KINDS:
                 raise ValueError(f"error_codes.{code}: {kind!r} is not one of {', '.join(ERROR_KINDS)}")
-        if self.default_model and self.default_model not in ids:
-            raise ValueError(f"default_model: {self.default_model!r} is not among models")
+        for pattern in self.default_preference:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"default_preference: {pattern!r} is not a regular expression ({exc})") from None
         return self
 
     def model(self, model_id: str) -> ModelSpec | None:
-        """The manifest's spec for a model, or the unknown-model template renamed to it."""
+        """The manifest's own entry for a model (not resolved: see resolution.py)."""
         for m in self.models:
             if m.id == model_id:
                 return m
-        if self.unknown_models is not None:
-            return self.unknown_models.model_copy(update={"id": model_id})
         return None
 
     def knob(self, model: ModelSpec, name: str) -> ParamSpec | None:
-        if name not in model.knobs:
+        if model.knobs is None or name not in model.knobs:
             return None
         return model.knob_overrides.get(name) or self.params.get(name)
 
@@ -212,13 +274,51 @@ def parse_manifest(path: Path) -> Manifest:
 
 
 def available_providers() -> list[str]:
-    return sorted(p.stem for p in manifest_dir().glob("*.toml"))
+    return sorted(p.stem for p in manifest_dir().glob("*.toml") if p.name != FAMILIES_FILE)
 
 
 @cache
 def load_manifest(provider: str) -> Manifest:
     """Load one provider's manifest; only the providers in use are ever read."""
     path = manifest_dir() / f"{provider}.toml"
-    if not path.is_file():
+    if not path.is_file() or path.name == FAMILIES_FILE:
         raise ManifestError(f"unknown provider {provider!r}; known providers: {', '.join(available_providers())}")
     return parse_manifest(path)
+
+
+FAMILIES_FILE = "families.toml"
+
+
+@cache
+def load_families() -> tuple[Family, ...]:
+    """The model families, in match order (the first family with a matching pattern wins)."""
+    path = manifest_dir() / FAMILIES_FILE
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        families = _Families.model_validate(raw).families
+    except FileNotFoundError:
+        raise ManifestError(f"model families file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"model families file {path.name} is not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise ManifestError(_format_validation_error(path, exc).replace("provider manifest", "model families file"))
+    ids = [f.id for f in families]
+    if len(ids) != len(set(ids)):
+        raise ManifestError(f"model families file {path.name}: duplicate family id")
+    for f in families:
+        seen, parent = {f.id}, f.extends
+        while parent is not None:
+            if parent not in ids or parent in seen:
+                raise ManifestError(f"model families file {path.name}: {f.id} extends {parent!r}: unknown or circular")
+            seen.add(parent)
+            parent = families[ids.index(parent)].extends
+        for p in f.patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ManifestError(f"model families file {path.name}: {f.id}: bad pattern {p!r} ({exc})") from None
+    return tuple(families)
+
+
+def family(family_id: str) -> Family | None:
+    return next((f for f in load_families() if f.id == family_id), None)

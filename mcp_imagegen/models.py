@@ -123,10 +123,17 @@ class ModelInfo(BaseModel):
     provider: str
     capabilities: list[Capability]
     sizes: list[str] | None = None
+    size_rules: str | None = Field(default=None, description="sizes taken by rule (multiples, bounds, tokens)")
     max_n: int | None = None
     max_input_images: int | None = None
     parameters: list[str] = Field(default_factory=list, description="canonical knobs the model takes")
     source: Literal["manifest", "discovered", "configured"] = "manifest"
+    family: str | None = Field(default=None, description="the model family whose rules apply")
+    facts: dict[str, str] = Field(
+        default_factory=dict,
+        description="where each fact comes from: manifest, family, discovered, learned, configured or assumed",
+    )
+    notes: list[str] = Field(default_factory=list, description="deprecation and what the gateway taught")
 
 
 class GenerationResult(BaseModel):

@@ -441,12 +441,16 @@ async def from_record(
 def models_result(models: Sequence[ModelInfo], warnings: Sequence[str] = ()) -> CallToolResult:
     """list_models: structured `{"models": [...]}` plus a compact table an agent can read."""
     rows = [("endpoint", "model", "capabilities", "sizes", "max n", "knobs")]
+    notes: list[str] = []
     for m in models:
-        sizes = ", ".join(m.sizes) if m.sizes else "any WxH"
+        sizes = ", ".join(m.sizes) if m.sizes else m.size_rules or "any (the gateway judges)"
         rows.append((m.endpoint, m.id, ",".join(m.capabilities), sizes, str(m.max_n or 1), ",".join(m.parameters)))
+        notes += [f"- {m.id} on {m.endpoint}: {note}" for note in m.notes]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
     text = f"{len(models)} model(s). Pass `model` and optionally `endpoint` to generate_image / edit_image.\n{table}"
+    if notes:  # deprecations, and what gateways taught
+        text += "\nNotes:\n" + "\n".join(notes)
     if not models:
         text = "No models match. Call list_models without filters to see every configured endpoint's models."
     if warnings:

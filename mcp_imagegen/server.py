@@ -64,7 +64,7 @@ Prompt = Annotated[str, Field(min_length=1, description="What the image should s
 ModelArg = Annotated[
     str | None,
     Field(
-        description="Model id, e.g. 'gpt-image-1'. Omit for the default model. Call list_models to see which "
+        description="Model id, e.g. 'gpt-image-2'. Omit for the default model. Call list_models to see which "
         "models each endpoint has, their sizes and max n."
     ),
 ]
@@ -109,7 +109,8 @@ ExtraArg = Annotated[
     dict[str, Any] | None,
     Field(
         description="Gateway-specific parameters with no canonical argument, passed to the gateway as they are, "
-        'under their wire names (e.g. {"moderation": "low"}).'
+        'under their wire names (e.g. {"moderation": "low"}). A value of null removes that field from what '
+        'the server would send (e.g. {"response_format": null}).'
     ),
 ]
 InlineFullArg = Annotated[

@@ -33,7 +33,9 @@ from .errors import (
     ImageGenError,
     InputNotFoundError,
     InvalidRequestError,
+    ModelNotFoundError,
 )
+from .learning import STATE_FILE, LearnedFacts
 from .heap import IdleTrim, settle_heap
 from .jobs import Job, JobRecord, ProgressFn, Stopped
 from .limits import preview_bytes_for
@@ -93,7 +95,9 @@ class ImageService:
         self.store = ImageStore(settings.output_dir)
         self._stack = AsyncExitStack()
         self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
-        self._catalog = ModelCatalog(settings, None)
+        # What gateways taught about their models, kept beside the image records across restarts.
+        self._learned = LearnedFacts(self.store.meta_dir / "state" / STATE_FILE)
+        self._catalog = ModelCatalog(settings, None, self._learned)
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}
         self._idle_trim = IdleTrim()
@@ -185,12 +189,14 @@ class ImageService:
 
             gateway = GatewayClient(max_retries=self.settings.max_retries)
             self._gateway = await self._stack.enter_async_context(gateway)
-            self._catalog = ModelCatalog(self.settings, self._gateway)
+            self._catalog = ModelCatalog(self.settings, self._gateway, self._learned)
         return self._gateway
 
     async def _needs_gateway(self) -> None:
         if any(_is_http(ep.provider) for ep in self.settings.endpoints):
             await self._gateway_client()
+            if not self._learned.loaded:  # read off the event loop, before any model is resolved
+                await on_disk(self._learned.load)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -407,15 +413,96 @@ class ImageService:
         raise AssertionError("unreachable: the last route either returns or raises")
 
     async def _on_route(self, job: Job, route: Route) -> GenerationResult:
+        try:
+            return await self._send_on_route(job, route)
+        except InvalidRequestError as exc:
+            if exc.status is None or job.saved:  # refused here, or part of the work is already paid
+                raise
+            retry = await self._learn(job, route, exc)
+            if retry is None:
+                raise
+            return await self._send_on_route(job, retry)
+        except ModelNotFoundError as exc:
+            if exc.status is not None:  # the gateway says the model is not there (any more)
+                await self._name_what_works(job, route, exc)
+            raise
+
+    async def _learn(self, job: Job, route: Route, exc: InvalidRequestError) -> Route | None:
+        """Learn from a gateway's 400; the route to try once more when the server caused it.
+
+        A field the server added (response_format, a default size, n above what the model takes
+        per request) is dropped and the call sent again; a field the caller asked for is an error
+        that names it and what the model takes. Either way the lesson is kept."""
+        from .learning import lesson_from
+
+        lesson = lesson_from(exc.status, exc.gateway_message, exc.gateway_param, exc.gateway_code)
+        prepared = job.prepared
+        if lesson is None or prepared is None:
+            return None
+        request, ep, model_id = job.request, route.endpoint, route.model.id
+        asked = set(prepared.knobs) | set(prepared.extra) | ({"size"} if request.size else set())
+        sent = asked | prepared.added | ({"n"} if "n" not in prepared.removed else set())
+        if lesson.field not in sent:
+            return None
+        await on_disk(lambda: self._learned.add(ep.name, model_id, lesson))
+        belief = self._catalog.belief(ep, model_id)
+        if lesson.field in asked:
+            raise InvalidRequestError(
+                f"{lesson.field} was refused by {model_id} on endpoint {ep.name!r}: {lesson.takes()}; "
+                f"change or remove {lesson.field}",
+                status=exc.status,
+                gateway_message=exc.gateway_message,
+                endpoint=ep.name,
+            ) from None
+        if lesson.field == "n" and (belief.spec.max_n or 1) >= max(prepared.batches):
+            return None  # nothing would change
+        job.warnings.append(
+            f"{model_id} on endpoint {ep.name!r} refused {lesson.field}, which the server had added; "
+            f"sent once more without it ({lesson.note()})"
+        )
+        return Route(ep, route.manifest, belief)
+
+    async def _name_what_works(self, job: Job, route: Route, exc: ModelNotFoundError) -> None:
+        """Re-read the endpoint's models (the one asked for may be gone) and name one that works."""
+        ep = route.endpoint
+        self._catalog.mark_gone(ep, route.model.id)
+        try:
+            await self._catalog.refresh(ep, force=True)
+        except ImageGenError:
+            pass
+        request = job.request
+        need = {request.operation, *(["mask"] if request.mask is not None else [])}
+        if len(request.images) > 1:
+            need.add("multi_image")
+        instead = self._catalog.replacement_for(ep, need, route.model.id)  # type: ignore[arg-type]
+        if instead:
+            exc.message = f"{exc.message}. Model {instead!r} works on endpoint {ep.name!r}; ask for it instead"
+            exc.args = (exc.message,)
+
+    async def _send_on_route(self, job: Job, route: Route) -> GenerationResult:
         request = job.request
         job.route = route
+        belief = route.belief
         prepared = checks.prepare(
             request,
             route.manifest,
             route.model,
             endpoint=route.endpoint.name,
             endpoint_models=self._catalog.specs(route.endpoint),
+            takes={lesson.field: lesson.takes() for lesson in belief.lessons},
         )
+        job.prepared = prepared
+        deprecation = belief.deprecation(instead=self._catalog.successor(route.endpoint, belief))
+        if deprecation:
+            job.warnings.append(deprecation)
+        elif belief.shut_down():  # recorded as shut down, but this gateway cannot say (no discovery)
+            instead = f"; {belief.spec.replacement} replaces it" if belief.spec.replacement else ""
+            job.warnings.append(
+                f"{belief.id} was shut down by its provider on {belief.spec.shutdown_date}{instead}; "
+                f"sent anyway because endpoint {route.endpoint.name!r} may still serve it"
+            )
+        if belief.notes:
+            job.warnings.append(f"applied what endpoint {route.endpoint.name!r} taught: {'; '.join(belief.notes)}")
         job.warnings.extend(prepared.warnings)
         total = sum(prepared.batches)
         await job._report(0, total, f"sending to {route.endpoint.name} ({route.model.id})")

@@ -15,6 +15,7 @@ from mcp_imagegen.checks import PreparedRequest, data_url_raw_cap, fit_inputs, p
 from mcp_imagegen.errors import ImageGenError, InvalidRequestError
 from mcp_imagegen.manifests import Manifest, ModelSpec, available_providers, load_manifest
 from mcp_imagegen.models import CANONICAL_KNOBS, ImageRequest, InputImage
+from mcp_imagegen.resolution import resolve
 
 
 def m(provider: str) -> Manifest:
@@ -22,9 +23,8 @@ def m(provider: str) -> Manifest:
 
 
 def spec(provider: str, model: str) -> ModelSpec:
-    found = m(provider).model(model)
-    assert found is not None
-    return found
+    """The model's resolved spec (manifest entry over its family over the generic fallback)."""
+    return resolve(model, m(provider)).spec
 
 
 def gen(prompt: str = "a red fox", **kw: object) -> ImageRequest:
@@ -55,8 +55,8 @@ def prep(provider: str, model: str, request: ImageRequest, **kw: object) -> Prep
 
 
 def test_defaults_for_gpt_image() -> None:
-    p = prep("openai", "gpt-image-1", gen())
-    assert p.size == "1024x1024"
+    p = prep("openai", "gpt-image-2", gen())
+    assert p.size is None and "size" not in p.added  # no documented default: the gateway picks
     assert p.batches == [1]
     assert p.knobs == {}
     assert p.send_response_format is False  # gpt-image rejects response_format
@@ -97,7 +97,7 @@ def test_no_fan_out_within_max_n() -> None:
 @pytest.mark.parametrize("prompt", ["", "   ", "\n"])
 def test_empty_prompt(prompt: str) -> None:
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
-        prep("openai", "gpt-image-1", gen(prompt))
+        prep("openai", "gpt-image-2", gen(prompt))
 
 
 def test_prompt_too_long_says_limit_and_length() -> None:
@@ -108,13 +108,13 @@ def test_prompt_too_long_says_limit_and_length() -> None:
 
 def test_n_too_large() -> None:
     with pytest.raises(InvalidRequestError, match=r"n=50 is more than the 10 allowed per call"):
-        prep("openai", "gpt-image-1", gen(n=50))
+        prep("openai", "gpt-image-2", gen(n=50))
 
 
 @pytest.mark.parametrize("n", [0, -1, True, "2", 2.0, None])
 def test_n_invalid(n: object) -> None:
     with pytest.raises(InvalidRequestError):
-        prep("openai", "gpt-image-1", gen(n=n))
+        prep("openai", "gpt-image-2", gen(n=n))
 
 
 def test_max_total_n_configurable() -> None:
@@ -131,7 +131,7 @@ def test_size_not_allowed_lists_sizes() -> None:
 
 
 def test_size_auto_only_where_listed() -> None:
-    assert prep("openai", "gpt-image-1", gen(size="auto")).size == "auto"
+    assert prep("openai", "gpt-image-2", gen(size="auto")).size == "auto"
     with pytest.raises(InvalidRequestError, match="auto"):
         prep("openai", "dall-e-3", gen(size="auto"))
 
@@ -157,7 +157,10 @@ def test_size_free_within_dimensions() -> None:
 
 def test_unknown_model_on_plain_gateway_takes_any_size() -> None:
     p = prep("openai-compatible", "some-model", gen(size="1234x567", n=10))
-    assert p.size == "1234x567" and p.batches == [10]
+    # Nothing known: any size goes to the gateway, and one image per request (which every
+    # gateway takes) reaches n without sending an n the model might refuse.
+    assert p.size == "1234x567" and p.batches == [1] * 10
+    assert not p.send_response_format and "response_format" not in p.added
 
 
 def test_size_auto_passes_where_nothing_is_known() -> None:
@@ -180,7 +183,7 @@ def test_enum_knob_case_insensitive_to_manifest_spelling() -> None:
 
 def test_enum_knob_error_lists_values() -> None:
     with pytest.raises(InvalidRequestError) as e:
-        prep("openai", "gpt-image-1", gen(knobs={"quality": "ultra"}))
+        prep("openai", "gpt-image-2", gen(knobs={"quality": "ultra"}))
     assert "low, medium, high, auto" in e.value.message
 
 
@@ -190,7 +193,7 @@ def test_knob_model_override_beats_manifest_param() -> None:
 
 
 def test_unknown_knob_dropped_with_warning() -> None:
-    p = prep("openai", "gpt-image-1", gen(knobs={"seed": 4, "quality": "low"}))
+    p = prep("openai", "gpt-image-2", gen(knobs={"seed": 4, "quality": "low"}))
     assert p.knobs == {"quality": "low"}
     assert p.warnings and "seed" in p.warnings[0] and "quality, background, output_format" in p.warnings[0]
 
@@ -219,8 +222,8 @@ def test_none_knob_ignored() -> None:
 
 
 def test_response_format_dropped_for_gpt_image() -> None:
-    p = prep("openai", "gpt-image-1", gen(extra={"response_format": "url", "user": "u1"}))
-    assert p.warnings == ["gpt-image-1 always returns base64; response_format dropped"]
+    p = prep("openai", "gpt-image-2", gen(extra={"response_format": "url", "user": "u1"}))
+    assert p.warnings == ["gpt-image-2 always returns base64; response_format dropped"]
     assert p.extra == {"user": "u1"}
     assert p.send_response_format is False
 
@@ -266,7 +269,7 @@ def test_extra_may_not_set_input_fields() -> None:
 def test_operation_unsupported_names_models_that_can() -> None:
     with pytest.raises(InvalidRequestError) as e:
         prep("openai", "dall-e-3", edit())
-    assert "gpt-image-1, gpt-image-1-mini, dall-e-2" in e.value.message
+    assert "gpt-image-2, gpt-image-2.5-flare" in e.value.message  # the live ones, not the shut-down
 
 
 def test_operation_unsupported_uses_endpoint_models() -> None:
@@ -283,12 +286,12 @@ def test_generate_only_model() -> None:
 
 def test_edit_needs_an_image() -> None:
     with pytest.raises(InvalidRequestError, match="at least one"):
-        prep("openai", "gpt-image-1", edit(n_images=0))
+        prep("openai", "gpt-image-2", edit(n_images=0))
 
 
 def test_too_many_images_says_max() -> None:
     with pytest.raises(InvalidRequestError, match="at most 16"):
-        prep("openai", "gpt-image-1", edit(n_images=17))
+        prep("openai", "gpt-image-2", edit(n_images=17))
     with pytest.raises(InvalidRequestError, match="at most 4"):
         prep("nano-gpt", "flux-kontext", edit(n_images=5))
 
@@ -308,12 +311,12 @@ def test_mask_semantics_from_manifest() -> None:
     assert prep("nano-gpt", "flux-lora/inpainting", edit(mask=True)).mask_semantics == "white"
     assert prep("openai", "dall-e-2", edit(mask=True)).mask_semantics == "transparent"
     assert prep("offline", "offline", edit(mask=True)).mask_semantics == "transparent"
-    assert prep("openai", "gpt-image-1", edit()).mask_semantics is None
+    assert prep("openai", "gpt-image-2", edit()).mask_semantics is None
 
 
 def test_images_on_generate_refused() -> None:
     with pytest.raises(InvalidRequestError):
-        prep("openai", "gpt-image-1", gen(images=[img()]))
+        prep("openai", "gpt-image-2", gen(images=[img()]))
 
 
 # --- property: prepare never does anything but succeed within limits or say why ----------------
@@ -361,8 +364,7 @@ def test_prepare_property(
 ) -> None:
     provider, model_id = pair
     manifest = load_manifest(provider)
-    model = manifest.model(model_id)
-    assert model is not None
+    model = resolve(model_id, manifest).spec
     request = ImageRequest(
         operation=operation,  # type: ignore[arg-type]
         prompt=prompt,
@@ -379,14 +381,16 @@ def test_prepare_property(
         return
     except ImageGenError as exc:  # pragma: no cover - the property under test
         pytest.fail(f"prepare raised {type(exc).__name__}, not InvalidRequestError")
-    assert operation in model.capabilities
+    assert operation in (model.capabilities or ())
     assert prompt.strip()
     assert isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10
-    assert sum(p.batches) == n and all(1 <= b <= max(1, model.max_n) for b in p.batches)
+    assert sum(p.batches) == n and all(1 <= b <= max(1, model.max_n or 1) for b in p.batches)
     if p.size is not None:
-        if model.sizes is not None:
+        if model.size_rule is not None:
+            assert p.size == "auto" or checks._size_token(p.size, model) or parse_size(p.size)
+        elif model.sizes is not None:
             assert p.size in model.sizes
-        elif p.size != "auto":
+        elif p.size != "auto" and model.max_dimension is not None:  # else nothing is known: the gateway judges
             dims = parse_size(p.size)
             assert dims is not None
             if model.max_dimension:

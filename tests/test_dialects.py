@@ -38,6 +38,7 @@ from mcp_imagegen.errors import (
 )
 from mcp_imagegen.manifests import Manifest, load_manifest
 from mcp_imagegen.models import ImageRequest, InputImage
+from mcp_imagegen.resolution import resolve
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 JPG = b"\xff\xd8\xff\xe0" + b"\x01" * 32
@@ -53,9 +54,7 @@ def image(data: bytes = PNG, mime: str = "image/png") -> InputImage:
 
 def wire_for(provider: str, model: str, request: ImageRequest, batch_n: int | None = None, **kw: Any) -> WireRequest:
     manifest = m(provider)
-    spec = manifest.model(model)
-    assert spec is not None
-    prepared = prepare(request, manifest, spec)
+    prepared = prepare(request, manifest, resolve(model, manifest).spec)
     return encode(
         manifest,
         prepared,
@@ -74,9 +73,9 @@ def body(doc: Any) -> bytes:
 # --- encode --------------------------------------------------------------------------------------
 
 
-def test_json_generate_openai_dalle3() -> None:
+def test_json_generate_relay_dalle3() -> None:
     req = ImageRequest("generate", "a fox", n=1, size="1792x1024", knobs={"quality": "hd"}, extra={"user": "u"})
-    w = wire_for("openai", "dall-e-3", req)
+    w = wire_for("openai-compatible", "dall-e-3", req)
     assert (w.method, w.url_path, w.relative_to) == ("POST", "/images/generations", "base_url")
     assert w.json == {
         "model": "dall-e-3",
@@ -92,7 +91,7 @@ def test_json_generate_openai_dalle3() -> None:
 
 
 def test_gpt_image_never_sends_response_format() -> None:
-    w = wire_for("openai", "gpt-image-1", ImageRequest("generate", "x", n=3))
+    w = wire_for("openai", "gpt-image-2", ImageRequest("generate", "x", n=3))
     assert w.json is not None and "response_format" not in w.json and w.json["n"] == 3
 
 
@@ -110,7 +109,7 @@ def test_batch_n_is_sent() -> None:
 
 def test_multipart_one_image_and_mask() -> None:
     req = ImageRequest("edit", "add a hat", images=[image()], mask=image(), n=2, size="512x512")
-    w = wire_for("openai", "dall-e-2", req, mask=PNG)
+    w = wire_for("openai-compatible", "dall-e-2", req, mask=PNG)
     assert w.json is None and w.url_path == "/images/edits"
     assert w.data == {
         "model": "dall-e-2",
@@ -125,7 +124,7 @@ def test_multipart_one_image_and_mask() -> None:
 
 def test_multipart_several_images_use_multi_field() -> None:
     req = ImageRequest("edit", "merge", images=[image(), image(JPG, "image/jpeg")], knobs={"background": "opaque"})
-    w = wire_for("openai", "gpt-image-1", req)
+    w = wire_for("openai", "gpt-image-2", req)
     assert w.files is not None
     assert [f[0] for f in w.files] == ["image[]", "image[]"]
     assert w.files[1][1] == ("image-2.jpg", JPG, "image/jpeg")
@@ -743,7 +742,10 @@ def test_nano_image_models() -> None:
         ],
     }
     found = {d.id: d for d in decode_models(m("nano-gpt"), doc)}
-    assert found["hidream"] == DiscoveredModel("hidream", ("generate",), ("1024x1024", "768x1360"), 4, None)
+    assert found["hidream"] == DiscoveredModel(
+        "hidream", ("generate",), lacks=("edit", "mask", "multi_image"), sizes=("1024x1024", "768x1360"), max_n=4
+    )
+    assert found["flux-kontext"].lacks == ("mask",)  # "inpainting": false; the rest said true
     assert found["flux-kontext"].capabilities == ("generate", "edit", "multi_image")
     assert found["flux-kontext"].max_input_images == 4 and found["flux-kontext"].max_n == 1
     assert found["flux-lora/inpainting"].capabilities == ("edit", "mask")

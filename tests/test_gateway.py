@@ -37,6 +37,7 @@ from mcp_imagegen.errors import (
 from mcp_imagegen.gateway import GatewayClient
 from mcp_imagegen.manifests import load_manifest
 from mcp_imagegen.models import ImageRequest, InputImage, WireResult
+from mcp_imagegen.resolution import resolve
 from tests.emulators import EMULATORS, Emulator, Fault
 
 KEY = "sk-test-SECRET-1234"
@@ -126,8 +127,7 @@ async def call(
 ) -> tuple[WireResult, list[bytes]]:
     """encode -> send -> decode -> fetch, the way the service does it, for the first batch."""
     manifest = load_manifest(provider)
-    spec = manifest.model(model or manifest.default_model or "")
-    assert spec is not None
+    spec = resolve(model or manifest.default_model or "", manifest).spec
     prepared = prepare(request, manifest, spec)
     wire = encode(
         manifest, prepared, request, prepared.batches[0], images=request.images, mask=mask, lineage=lineage or []
@@ -187,10 +187,6 @@ async def test_generate_each_gateway(provider: str, emus: dict[str, Emulator]) -
         assert result.usage and result.usage["total_tokens"] > 0
 
 
-@pytest.mark.xfail(
-    reason="issue 12: the manifest's default model (gpt-image-1, imagen-3) is shut down on today's gateway",
-    strict=True,
-)
 @pytest.mark.parametrize("provider", RETIRED_SERVED)
 async def test_generate_with_the_default_model_on_todays_gateway(provider: str, emulator: Any) -> None:
     emu = emulator(provider, api_key=KEY)  # as the gateway is today: the old ids answer 404
@@ -220,7 +216,7 @@ async def test_data_url_answer_needs_no_network(emus: dict[str, Emulator]) -> No
 async def test_fan_out_batches_in_parallel(emus: dict[str, Emulator]) -> None:
     emu = emus["nano-gpt"]
     manifest = load_manifest("nano-gpt")
-    spec = manifest.model("gpt-image-1")
+    spec = resolve("gpt-image-1", manifest).spec
     assert spec is not None
     request = gen(n=6)
     prepared = prepare(request, manifest, spec, endpoint="nano-gpt")
@@ -271,7 +267,7 @@ async def test_openai_edit_one_image(emus: dict[str, Emulator]) -> None:
         _, blobs = await call(gw, "openai", emu, ImageRequest("edit", "add a hat", images=[src]))
     rec = emu.requests_to("/images/edits")[0]
     assert list(rec.files) == ["image"] and rec.files["image"][0].data == src.data
-    assert rec.form["model"] == "gpt-image-1" and "response_format" not in rec.form
+    assert rec.form["model"] == "gpt-image-2" and "response_format" not in rec.form
     assert is_image(blobs[0])
 
 
@@ -291,7 +287,7 @@ async def test_openai_edit_with_mask_dalle2(emus: dict[str, Emulator]) -> None:
     white_mask = png(32, 32)  # no alpha: white marks the area; converted to OpenAI's transparency
     request = ImageRequest("edit", "a window", images=[src], mask=input_image(white_mask), size="256x256")
     manifest = load_manifest("openai")
-    spec = manifest.model("dall-e-2")
+    spec = resolve("dall-e-2", manifest).spec
     assert spec is not None
     prepared = prepare(request, manifest, spec)
     fitted, _ = fit_inputs(request.images, manifest, spec)
@@ -337,7 +333,7 @@ async def test_nano_four_mb_cap(emus: dict[str, Emulator]) -> None:
     big = input_image(png(1100, 1100, noise=True), source="file big.png")
     assert len(big.data) * 4 // 3 > 4_000_000
     manifest = load_manifest("nano-gpt")
-    spec = manifest.model("flux-kontext")
+    spec = resolve("flux-kontext", manifest).spec
     assert spec is not None
     async with client() as gw:
         # Unfitted, the gateway refuses it: 413, not retried.
@@ -619,7 +615,7 @@ async def test_invalid_base64_left_to_the_caller(emus: dict[str, Emulator]) -> N
     emu.inject(Fault.invalid_b64())
     manifest = load_manifest("modelmax")
     request = gen()
-    spec = manifest.model("imagen-3")
+    spec = resolve("imagen-3", manifest).spec
     assert spec is not None
     prepared = prepare(request, manifest, spec)
     wire = encode(manifest, prepared, request, 1, images=[], mask=None, lineage=[])
@@ -693,7 +689,7 @@ async def test_one_log_line_per_call(emus: dict[str, Emulator], caplog: pytest.L
     lines = [r for r in caplog.records if r.name == "mcp_imagegen.gateway" and r.getMessage() == "gateway call"]
     assert len(lines) == 1
     fields = lines[0].fields  # type: ignore[attr-defined]
-    assert fields["endpoint"] == "modelmax" and fields["model"] == "imagen-3" and fields["status"] == 200
+    assert fields["endpoint"] == "modelmax" and fields["model"] == "seedream-5.0-lite" and fields["status"] == 200
     assert fields["retries"] == 1 and fields["path"] == "/v1/images/generations" and fields["bytes"] > 0
     downloads = [r for r in caplog.records if r.getMessage() == "result download"]
     assert all("?" not in r.fields["url"] for r in downloads)  # type: ignore[attr-defined]

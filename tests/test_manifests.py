@@ -8,6 +8,7 @@ import pytest
 
 from mcp_imagegen.errors import ManifestError
 from mcp_imagegen.manifests import available_providers, load_manifest, parse_manifest
+from mcp_imagegen.resolution import resolve
 
 PROVIDERS = ["ai-nebula", "llm-vin", "modelmax", "nano-gpt", "nexllm", "offline", "openai", "openai-compatible"]
 
@@ -21,8 +22,10 @@ def test_shipped_manifest_loads(provider: str) -> None:
     manifest = load_manifest(provider)
     assert manifest.id == provider
     for model in manifest.models:
-        assert model.capabilities, model.id
-        if "edit" in model.capabilities and manifest.transport == "http":
+        # Every listed model's capabilities are known, from its entry or its family.
+        belief = resolve(model.id, manifest)
+        assert belief.spec.capabilities and belief.known("capabilities"), model.id
+        if "edit" in belief.spec.capabilities and manifest.transport == "http":
             assert manifest.operations["edit"].inputs is not None
 
 
@@ -41,7 +44,8 @@ def test_seed_dialect_facts_are_declared() -> None:
     assert inputs.max_input_bytes == 4_000_000 and inputs.mask_semantics == "white"
     assert nano.discovery is not None and nano.discovery.relative_to == "origin"
     openai = load_manifest("openai")
-    assert openai.model("gpt-image-1").response_format is False
+    assert resolve("gpt-image-2", openai).spec.response_format is False
+    assert resolve("gpt-image-1", openai).shut_down()
     assert openai.operations["edit"].inputs.mask_semantics == "transparent"
     assert load_manifest("llm-vin").auth.required is False
 

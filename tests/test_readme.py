@@ -11,6 +11,8 @@ from pydantic import BaseModel
 
 from mcp_imagegen.config import EndpointConfig, Settings
 from mcp_imagegen.manifests import available_providers, load_manifest
+from mcp_imagegen.models import CAPABILITIES
+from mcp_imagegen.resolution import resolve
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
@@ -20,7 +22,7 @@ def _default(model: type[BaseModel], name: str) -> str:
     if field.is_required():
         return "required"
     if field.default_factory is not None:
-        return "`[]`"
+        return "`{}`" if isinstance(field.default_factory(), dict) else "`[]`"  # type: ignore[call-arg]
     value = field.default
     if value is None:
         return "-"
@@ -45,17 +47,22 @@ def settings_table() -> str:
 
 def gateways_table() -> str:
     rows = [
-        "| provider | gateway | generate | edit | mask | several inputs | discovery | key variable |",
-        "|---|---|---|---|---|---|---|---|",
+        "| provider | gateway | default model | generate | edit | mask | several inputs | discovery | key variable |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for provider in available_providers():
         m = load_manifest(provider)
-        caps = {c for model in (m.models or []) for c in model.capabilities}
+        # What the models the manifest knows can do (resolved with their families), shut-down
+        # ones aside; a gateway that takes any id can do what any model there does.
+        known = [m.default_model] if m.default_model else []
+        beliefs = [resolve(i, m) for i in dict.fromkeys([*known, *(model.id for model in m.models)])]
+        caps = {c for b in beliefs if not b.shut_down() for c in b.spec.capabilities or ()}
         if m.unknown_models is not None:
-            caps |= set(m.unknown_models.capabilities)
+            caps |= set(CAPABILITIES)
         mark = {True: "yes", False: "-"}
         rows.append(
-            f"| `{m.id}` | {m.name} | {mark['generate' in caps]} | {mark['edit' in caps]} | "
+            f"| `{m.id}` | {m.name} | {f'`{m.default_model}`' if m.default_model else 'discovered'} | "
+            f"{mark['generate' in caps]} | {mark['edit' in caps]} | "
             f"{mark['mask' in caps]} | {mark['multi_image' in caps]} | {mark[m.discovery is not None]} | "
             f"{f'`{m.key_env}`' if m.key_env else '-'} |"
         )

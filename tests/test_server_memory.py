@@ -296,15 +296,12 @@ async def test_bad_size_lists_the_allowed_sizes(tmp_path: Path, mode: str, emu: 
 
 # --- answers that are not plain rasters ----------------------------------------------------------
 
-# gpt-image-2.6 gives svg/gif on `output_format`; until the server knows the gpt-image-2 family
-# (issue 12) it sends `response_format`, which the model refuses. "answered": the same gateway
-# answers those bytes to gpt-image-1, so the results are proven either way.
+# gpt-image-2.6 gives svg/gif on `output_format` (the server knows its family and sends no
+# `response_format`). "answered": the same gateway answers those bytes to gpt-image-1, so the
+# results are proven either way.
 NOT_RASTER_ROUTES = [
     "answered",
-    pytest.param(
-        "gpt-image-2.6",
-        marks=pytest.mark.xfail(reason="issue 12: response_format is sent to gpt-image-2.6", strict=True),
-    ),
+    "gpt-image-2.6",
 ]
 
 
