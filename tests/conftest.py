@@ -7,10 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from mcp_imagegen.config import WELL_KNOWN_KEY_ENVS, Settings
 from mcp_imagegen.manifests import load_manifest
 from tests.emulators import EMULATORS, Emulator
+
+# Property tests draw the same examples on every run: a test suite that passes once passes always.
+hypothesis_settings.register_profile("repeatable", derandomize=True)
+hypothesis_settings.load_profile("repeatable")
 
 # A key that must never show up in any output; tests search for it.
 SECRET_KEY = "sk-test-SECRET-0123456789abcdef"
