@@ -214,7 +214,7 @@ class StdioHost:
         self.send("notifications/initialized", notify=True)
 
     def call(self, prompt: str) -> int:
-        return self.send("tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-1"}})
+        return self.send("tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-2"}})
 
     def close(self) -> None:
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -245,7 +245,7 @@ class _Spawned:
 
 @pytest.fixture
 def gateway(emulator: Any) -> Iterator[Emulator]:
-    emu = emulator("openai", serve_retired=True)
+    emu = emulator("openai")
     emu.hold()
     try:
         yield emu
@@ -307,7 +307,7 @@ async def main() -> None:
     async with Client(stdio_client(params), mode="legacy") as client:
         async with anyio.create_task_group() as tg:
             for i in range({calls}):
-                tg.start_soon(client.call_tool, "generate_image", {{"prompt": f"call {{i}}", "model": "gpt-image-1"}})
+                tg.start_soon(client.call_tool, "generate_image", {{"prompt": f"call {{i}}", "model": "gpt-image-2"}})
             print("CALLING", flush=True)
 
 anyio.run(main)
@@ -350,7 +350,7 @@ async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(release_once_sent)
                 with pytest.raises(Exception, match="(?i)timed out|timeout"):
-                    await client.call_tool("generate_image", {"prompt": "slow", "model": "gpt-image-1"}, read_timeout_seconds=1)
+                    await client.call_tool("generate_image", {"prompt": "slow", "model": "gpt-image-2"}, read_timeout_seconds=1)
             assert len(gateway.requests_to(GENERATIONS)) == 1  # sent before the cancel
             gateway.release()
             while not (tmp_path / "out" / ".mcp-imagegen" / "jobs").is_dir() or any(
@@ -422,7 +422,7 @@ async def open_session(http: httpx2.AsyncClient, url: str) -> dict[str, str]:
 
 async def raw_call(http: httpx2.AsyncClient, url: str, headers: dict[str, str], i: int) -> None:
     body = {"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
-            "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-1"}}}
+            "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-2"}}}
     try:
         async with http.stream("POST", url, json=body, headers=headers) as response:
             async for _ in response.aiter_bytes():
@@ -467,7 +467,7 @@ async def test_http_sigterm_drains_in_flight_calls(tmp_path: Path, gateway: Emul
             await client.list_tools()  # the client checks results against the tools' schemas
 
             async def call(i: int) -> None:
-                answers.append(await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-1"}))
+                answers.append(await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-2"}))
 
             async with anyio.create_task_group() as tg:
                 for i in range(CALLS):
