@@ -109,6 +109,12 @@ async def serve_stdio_until_done(settings: Any) -> None:
     service = ImageService(settings)
     async with service:
         server = build_server(settings, service)
+        if sys.platform == "win32":  # no relay there (see relay.py): the SDK's own stdio as before
+            try:
+                await server.run_stdio_async()
+            finally:
+                await service.drain(None)
+            return
         lowlevel = server._lowlevel_server  # the SDK's own run_stdio_async, with our wire
         wire = _Wire()
         stopping = anyio.Event()

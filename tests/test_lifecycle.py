@@ -567,3 +567,35 @@ async def test_restart_after_kill_9_finds_every_whole_image_and_no_torn_record(
             read = await client.read_resource(recovered[0].uri)
             assert read.contents[0].blob  # type: ignore[union-attr]
     assert not [p for p in out.rglob("*.mcpimg-partial")]
+
+
+# --- the relay ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["module", "console script"])
+def test_both_entry_points_serve_from_a_worker_outside_the_hosts_process_group(
+    tmp_path: Path, entry: str, emulator: Any
+) -> None:
+    children = Path("/proc/self/task")
+    if not children.is_dir():
+        pytest.skip("needs /proc to find the worker")
+    env = server_env(tmp_path, emulator("openai"))
+    script = Path(sys.executable).parent / "mcp-imagegen"
+    command = [sys.executable, "-m", "mcp_imagegen"] if entry == "module" else [str(script)]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(INIT).encode() + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["result"]["serverInfo"]["name"] == "mcp-imagegen"
+        [worker] = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert os.getpgid(worker) != os.getpgid(proc.pid)  # a group kill of the host's child misses it
+        assert os.getsid(worker) == worker
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+        wait_for(lambda: process_gone(worker), "the worker to exit on end of input")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
