@@ -31,11 +31,42 @@ def wanted() -> bool:
     return os.name == "posix" and not os.environ.get(WORKER_ENV)
 
 
+_VALUE_OPTIONS = frozenset({"--transport", "--host", "--port", "--auth-token", "--log-level"})
+_FLAG_OPTIONS = frozenset({"--stateless", "--allow-unauthenticated"})
+
+
+def serves_stdio(args: Sequence[str]) -> bool:
+    """Whether the command line asks for the stdio server, read without argparse (which costs
+    more than the rest of the relay). Anything unusual (help, another command, an unknown
+    option) answers False: the real parser then decides, and a stdio server still relays."""
+    transport = "stdio"
+    command_seen = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg == "serve" and not command_seen:
+            command_seen = True
+        elif arg in _FLAG_OPTIONS:
+            pass
+        elif eq and name in _VALUE_OPTIONS:
+            transport = value if name == "--transport" else transport
+        elif arg in _VALUE_OPTIONS and i + 1 < len(args):
+            transport = args[i + 1] if arg == "--transport" else transport
+            i += 1
+        else:
+            return False
+        i += 1
+    return transport == "stdio"
+
+
 def run(argv: Sequence[str]) -> int:
     env = dict(os.environ)
     env[WORKER_ENV] = "1"
+    # The same interpreter options (-X importtime, -X dev, -O, -I...) as the relay was given.
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     child = subprocess.Popen(
-        [sys.executable, "-m", "mcp_imagegen", *argv],
+        [sys.executable, *flags, "-m", "mcp_imagegen", *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=None,  # the server's log goes straight to the host's stderr

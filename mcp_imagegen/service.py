@@ -17,7 +17,8 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,8 @@ class ImageService:
         self._jobs: dict[str, Job] = {}
         self._idle_trim = IdleTrim()
         self._draining = False
+        self._in_flight_at_stop: list[Job] = []
+        self._answering = 0
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
@@ -117,9 +120,28 @@ class ImageService:
     def draining(self) -> bool:
         return self._draining
 
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Around a tool call that waits on a job: a drain lets these answer before it ends."""
+        self._answering += 1
+        try:
+            yield
+        finally:
+            self._answering -= 1
+
+    async def calls_answered(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until no tool call is still building or sending its answer."""
+        with anyio.move_on_after(timeout):
+            while self._answering:
+                await anyio.sleep(0.02)
+        return not self._answering
+
     def begin_drain(self) -> None:
-        """Refuse new jobs from now on (synchronous: safe in a signal handler)."""
-        self._draining = True
+        """Refuse new jobs from now on (synchronous: safe in a signal handler); the jobs running
+        now are the ones the drain reports on, even those that finish before it starts."""
+        if not self._draining:
+            self._draining = True
+            self._in_flight_at_stop = self.running_jobs()
 
     def running_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if job.status == "running"]
@@ -127,13 +149,11 @@ class ImageService:
     async def drain(self, grace_s: float | None) -> DrainReport:
         """Stop taking jobs, drop requests not yet sent, await sent ones (at most `grace_s`, or
         until each ends by its own timeout when None), save, and say what was kept."""
-        first = not self._draining
-        self._draining = True
-        running = self.running_jobs()
+        self.begin_drain()
+        running = list(dict.fromkeys([*self._in_flight_at_stop, *self.running_jobs()]))
         report = DrainReport(jobs=len(running))
         if not running:
             return report
-        saved_before = sum(len(job.saved) for job in running)
         for job in running:
             job.stop_unsent("shutdown")
         with anyio.CancelScope(shield=True), anyio.move_on_after(grace_s):
@@ -145,8 +165,7 @@ class ImageService:
             if job.status == "running":
                 report.interrupted.append(job.id)
                 self._persist_now(job, status="interrupted")
-        if first or report.jobs:
-            log.warning("shutdown: %s (%d saved before the shutdown began)", report.describe(), saved_before)
+        log.warning("shutdown: %s", report.describe())
         return report
 
     def abandon(self) -> list[str]:
