@@ -187,8 +187,11 @@ class JobRecord(BaseModel):
     pid: int | None = None  # the process that ran it: a "running" record of a dead one was interrupted
 
     def owner_alive(self) -> bool:
+        """Whether another live process may still be running this job. Our own pid means a
+        previous life of a process with the same pid (containers reuse pid 1): a job of this
+        process is found in its memory before its record is ever read."""
         if self.pid is None or self.pid == os.getpid():
-            return self.pid == os.getpid()
+            return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
