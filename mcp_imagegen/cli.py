@@ -62,8 +62,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve_arguments(p: argparse.ArgumentParser, default: Any = None) -> None:
-    import argparse
-
     """`default=SUPPRESS` on the subcommand keeps values given before the word `serve`."""
 
     def d(value: Any) -> Any:

@@ -128,4 +128,3 @@ def _copy(source: int, target: int) -> None:
                 view = view[os.write(target, view) :]
         except OSError:  # the other end is gone
             return
-

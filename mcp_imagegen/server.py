@@ -643,7 +643,9 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             if job.status in ("cancelled", "interrupted") and job.result is not None:
                 why = job.error.message if job.error is not None else job.status
                 result = job.result.model_copy(
-                    update={"warnings": [*job.result.warnings, f"the job was {job.status} ({why}); these images were saved"]}
+                    update={
+                        "warnings": [*job.result.warnings, f"the job was {job.status} ({why}); these images were saved"]
+                    }
                 )
             else:
                 raise

@@ -190,7 +190,8 @@ class ImageService:
 
     async def _persist(self, job: Job) -> None:
         try:
-            await on_disk(lambda record=job.to_record(): self.store.jobs.write(record))
+            record = job.to_record()  # taken now, on the loop: the job may move on meanwhile
+            await on_disk(lambda: self.store.jobs.write(record))
         except OSError as exc:  # a job record is a convenience; the image records are the truth
             log.debug("could not write the record of job %s: %s", job.id, exc)
 
@@ -734,7 +735,12 @@ class ImageService:
         from .recovery import keep_unsaved
 
         name = f"{job.id}_{len(job.saved) + 1}_{secrets.token_hex(3)}.{EXTENSIONS.get(mime, 'bin')}"
-        about = {"job_id": job.id, "prompt": job.request.prompt, "model": route.model.id, "endpoint": route.endpoint.name}
+        about = {
+            "job_id": job.id,
+            "prompt": job.request.prompt,
+            "model": route.model.id,
+            "endpoint": route.endpoint.name,
+        }
         kept = await on_disk(lambda: keep_unsaved(data, name, about))
         where = f"Its bytes were kept at {kept}" if kept else "No other folder could take its bytes either"
         log.error("could not save an image of job %s: %s; %s", job.id, error.message, where)

@@ -32,8 +32,12 @@ EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def exit_now(service: Any, why: str) -> None:
     """The second signal: record running jobs as interrupted and leave without waiting."""
     ids = service.abandon()
-    log.warning("%s: exiting now; %d job(s) left waiting on the gateway were recorded as interrupted: %s",
-                why, len(ids), ", ".join(ids) or "none")
+    log.warning(
+        "%s: exiting now; %d job(s) left waiting on the gateway were recorded as interrupted: %s",
+        why,
+        len(ids),
+        ", ".join(ids) or "none",
+    )
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
@@ -138,8 +142,10 @@ async def serve_stdio_until_done(settings: Any) -> None:
                         await lowlevel.run(r, w, lowlevel.create_initialization_options())
                 except Exception as exc:  # a transport failure ends serving, never the jobs
                     log.warning("stdio transport failed (%s); finishing the work in flight", type(exc).__name__)
-            why = "the client closed stdin" if not stopping.is_set() and not wire.broken else (
-                "stdout is gone" if wire.broken else "a signal"
+            why = (
+                "the client closed stdin"
+                if not stopping.is_set() and not wire.broken
+                else ("stdout is gone" if wire.broken else "a signal")
             )
             wire.close_out()
             running = service.running_jobs()
@@ -183,8 +189,11 @@ def draining_server(config: Any, service: Any) -> Any:
             if self.should_exit:
                 exit_now(service, f"second signal ({signal.Signals(sig).name})")
             service.begin_drain()  # from this instant new calls are refused
-            log.warning("%s received: no new calls; finishing the work in flight (at most %.0f s)",
-                        signal.Signals(sig).name, HTTP_DRAIN_S)
+            log.warning(
+                "%s received: no new calls; finishing the work in flight (at most %.0f s)",
+                signal.Signals(sig).name,
+                HTTP_DRAIN_S,
+            )
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets: Any = None) -> None:
@@ -209,7 +218,10 @@ class DrainGate:
             from starlette.responses import JSONResponse
 
             response = JSONResponse(
-                {"error": "shutting_down", "error_description": "the server is shutting down; call again after it restarts"},
+                {
+                    "error": "shutting_down",
+                    "error_description": "the server is shutting down; call again after it restarts",
+                },
                 status_code=503,
                 headers={"Retry-After": "5", "Connection": "close"},
             )

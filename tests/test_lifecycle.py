@@ -110,7 +110,9 @@ def image_records(out: Path) -> list[ImageRecord]:
 
 
 def job_records(out: Path) -> list[JobRecord]:
-    return [JobRecord.model_validate_json(p.read_bytes()) for p in sorted((out / ".mcp-imagegen" / "jobs").glob("*.json"))]
+    return [
+        JobRecord.model_validate_json(p.read_bytes()) for p in sorted((out / ".mcp-imagegen" / "jobs").glob("*.json"))
+    ]
 
 
 def process_gone(pid: int) -> bool:
@@ -139,9 +141,7 @@ def wait_until_finished(out: Path, jobs: int, exited: bool = True) -> list[JobRe
     return records
 
 
-def assert_saved_equals_served(
-    out: Path, emu: Emulator, expected: int = CALLS, exited: bool = True
-) -> list[JobRecord]:
+def assert_saved_equals_served(out: Path, emu: Emulator, expected: int = CALLS, exited: bool = True) -> list[JobRecord]:
     jobs = wait_until_finished(out, expected, exited)
     served = emu.served(GENERATIONS)
     records = image_records(out)
@@ -214,7 +214,9 @@ class StdioHost:
         self.send("notifications/initialized", notify=True)
 
     def call(self, prompt: str) -> int:
-        return self.send("tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-1"}})
+        return self.send(
+            "tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-1"}}
+        )
 
     def close(self) -> None:
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -335,9 +337,7 @@ async def test_stdio_client_process_killed(tmp_path: Path, gateway: Emulator) ->
     await assert_findable_from_a_new_server(tmp_path, env, jobs)
 
 
-async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
-    tmp_path: Path, gateway: Emulator
-) -> None:
+async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(tmp_path: Path, gateway: Emulator) -> None:
     env = server_env(tmp_path, gateway)
     params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
     with (tmp_path / "stderr.log").open("a") as errlog, anyio.fail_after(90):
@@ -350,7 +350,9 @@ async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(release_once_sent)
                 with pytest.raises(Exception, match="(?i)timed out|timeout"):
-                    await client.call_tool("generate_image", {"prompt": "slow", "model": "gpt-image-1"}, read_timeout_seconds=1)
+                    await client.call_tool(
+                        "generate_image", {"prompt": "slow", "model": "gpt-image-1"}, read_timeout_seconds=1
+                    )
             assert len(gateway.requests_to(GENERATIONS)) == 1  # sent before the cancel
             gateway.release()
             while not (tmp_path / "out" / ".mcp-imagegen" / "jobs").is_dir() or any(
@@ -421,8 +423,12 @@ async def open_session(http: httpx2.AsyncClient, url: str) -> dict[str, str]:
 
 
 async def raw_call(http: httpx2.AsyncClient, url: str, headers: dict[str, str], i: int) -> None:
-    body = {"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
-            "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-1"}}}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 100 + i,
+        "method": "tools/call",
+        "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-1"}},
+    }
     try:
         async with http.stream("POST", url, json=body, headers=headers) as response:
             async for _ in response.aiter_bytes():
@@ -467,7 +473,9 @@ async def test_http_sigterm_drains_in_flight_calls(tmp_path: Path, gateway: Emul
             await client.list_tools()  # the client checks results against the tools' schemas
 
             async def call(i: int) -> None:
-                answers.append(await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-1"}))
+                answers.append(
+                    await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-1"})
+                )
 
             async with anyio.create_task_group() as tg:
                 for i in range(CALLS):
@@ -476,6 +484,7 @@ async def test_http_sigterm_drains_in_flight_calls(tmp_path: Path, gateway: Emul
                 proc.send_signal(signal.SIGTERM)
                 # Draining (the gateway still holds every answer): a new call is turned away.
                 async with httpx2.AsyncClient(timeout=10) as other:
+
                     async def refused() -> bool:
                         return (await other.post(url, json=INIT, headers=JSON_HEADERS)).status_code == 503
 
@@ -548,8 +557,8 @@ async def test_restart_after_kill_9_finds_every_whole_image_and_no_torn_record(
         gateway.release()
     # What a kill in the middle of a save leaves: a whole temp file and a torn one.
     whole = png((16, 16), "purple")
-    (out / f".20260101-000000_mid-save_KiLlEd.png.0a0b0c0d.mcpimg-partial").write_bytes(whole)
-    (out / f".20260101-000001_torn_ToRnNn.png.0e0f0a0b.mcpimg-partial").write_bytes(whole[:40])
+    (out / ".20260101-000000_mid-save_KiLlEd.png.0a0b0c0d.mcpimg-partial").write_bytes(whole)
+    (out / ".20260101-000001_torn_ToRnNn.png.0e0f0a0b.mcpimg-partial").write_bytes(whole[:40])
 
     params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
     with (tmp_path / "verify-stderr.log").open("a") as errlog, anyio.fail_after(60):
@@ -582,8 +591,15 @@ def test_both_entry_points_serve_from_a_worker_outside_the_hosts_process_group(
     env = server_env(tmp_path, emulator("openai"))
     script = Path(sys.executable).parent / "mcp-imagegen"
     command = [sys.executable, "-m", "mcp_imagegen"] if entry == "module" else [str(script)]
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            cwd=tmp_path, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(INIT).encode() + b"\n")
