@@ -615,3 +615,22 @@ def test_both_entry_points_serve_from_a_worker_outside_the_hosts_process_group(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_stdio_worker_sigterm_finishes_sent_work(tmp_path: Path, gateway: Emulator) -> None:
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to find the worker")
+    env = server_env(tmp_path, gateway)
+    host = StdioHost(tmp_path, env)
+    try:
+        start_calls(host, gateway, 2)
+        [worker] = [int(p) for p in Path(f"/proc/{host.proc.pid}/task/{host.proc.pid}/children").read_text().split()]
+        os.kill(worker, signal.SIGTERM)  # e.g. a service manager stopping it
+        log = tmp_path / "server-stderr.log"
+        wait_for(lambda: "SIGTERM received" in log.read_text(), "the worker to stop taking calls")
+        gateway.release()
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway, expected=2)
+        assert "2 image(s) saved" in log.read_text()
+    finally:
+        host.close()
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
