@@ -173,7 +173,7 @@ async def assert_findable_from_a_new_server(tmp_path: Path, env: dict[str, str],
 class StdioHost:
     """Starts `python -m mcp_imagegen` as a host does (its own process group) and talks JSON-RPC."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str], reader: bool = True) -> None:
         self.stderr = (tmp_path / "server-stderr.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mcp_imagegen"],
@@ -186,7 +186,9 @@ class StdioHost:
         )
         self.replies: dict[int, dict[str, Any]] = {}
         self._next = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = reader  # without: the test reads (so it may close stdout under no thread)
+        if reader:
+            threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -210,7 +212,11 @@ class StdioHost:
             "initialize",
             {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "host", "version": "0"}},
         )
-        wait_for(lambda: rid in self.replies, "the initialize answer")
+        if self._reader:
+            wait_for(lambda: rid in self.replies, "the initialize answer")
+        else:
+            assert self.proc.stdout is not None
+            assert json.loads(self.proc.stdout.readline())["id"] == rid
         self.send("notifications/initialized", notify=True)
 
     def call(self, prompt: str) -> int:
@@ -634,3 +640,24 @@ async def test_stdio_worker_sigterm_finishes_sent_work(tmp_path: Path, gateway: 
     finally:
         host.close()
     await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+async def test_a_dead_stdout_never_crashes_the_server_and_loses_nothing(tmp_path: Path, gateway: Emulator) -> None:
+    # The server alone (no relay), as a host that stopped reading would leave it: its answers
+    # meet a broken pipe (EPIPE), the case that used to end in a BrokenPipe ExceptionGroup.
+    env = {**server_env(tmp_path, gateway), "MCP_IMAGEGEN_STDIO_WORKER": "1"}
+    host = StdioHost(tmp_path, env, reader=False)
+    try:
+        start_calls(host, gateway, 2)
+        assert host.proc.stdout is not None
+        host.proc.stdout.close()  # nobody reads the answers any more; stdin stays open
+        gateway.release()
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway, expected=2)
+        assert host.proc.wait(60) == 0
+    finally:
+        host.close()
+    log = (tmp_path / "server-stderr.log").read_text()
+    assert "Traceback" not in log and "ExceptionGroup" not in log, log[-3000:]
+    await assert_findable_from_a_new_server(
+        tmp_path, env={k: v for k, v in env.items() if k != "MCP_IMAGEGEN_STDIO_WORKER"}, jobs=jobs
+    )
