@@ -236,18 +236,6 @@ class JobBook:
         except (OSError, ValidationError):
             return None
 
-    def running(self) -> list[JobRecord]:
-        try:
-            names = [e.name for e in os.scandir(self.folder) if e.name.endswith(".json")]
-        except OSError:
-            return []
-        out = []
-        for name in names:
-            record = self.read(name[: -len(".json")])
-            if record is not None and record.status == "running":
-                out.append(record)
-        return out
-
 
 def _valid_job_id(job_id: str) -> bool:
     rest = job_id.removeprefix("job_")
