@@ -150,7 +150,11 @@ async def serve_stdio_until_done(settings: Any) -> None:
             wire.close_out()
             running = service.running_jobs()
             if running:
-                log.warning("stopping (%s): finishing %d job(s) in flight (what was sent is awaited and saved)", why, len(running))
+                log.warning(
+                    "stopping (%s): finishing %d job(s) in flight (what was sent is awaited and saved)",
+                    why,
+                    len(running),
+                )
             longest = max((ep.timeout_s for ep in settings.endpoints), default=0.0)
             await service.drain(2 * longest + STDIO_DRAIN_MARGIN_S)
             tg.cancel_scope.cancel()
