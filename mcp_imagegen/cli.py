@@ -6,19 +6,25 @@ chosen command does not use.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from . import __version__
+
+# The stdio relay starts before argparse, json or typing are loaded (see relay.py): names used
+# only in annotations are imported for type checkers alone.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 AUTH_TOKEN_ENV = "MCP_IMAGEGEN_AUTH_TOKEN"
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="mcp-imagegen",
         description="MCP server for image generation and editing through OpenAI-compatible gateways.",
@@ -79,6 +85,8 @@ def _serve_arguments(p: argparse.ArgumentParser, default: Any = None) -> None:
 
 
 def _work_arguments(p: argparse.ArgumentParser) -> None:
+    import json
+
     p.add_argument("--model")
     p.add_argument("--endpoint")
     p.add_argument("--n", type=int, default=1)
@@ -94,14 +102,15 @@ def _work_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import relay
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    if relay.wanted() and relay.serves_stdio(given):  # before anything heavy is imported
+        return relay.run(given)
     args = _parser().parse_args(argv)
     command = args.command or "serve"
-
-    if command == "serve" and args.transport == "stdio":
-        from . import relay
-
-        if relay.wanted():  # before anything heavy is imported: see relay.py
-            return relay.run(list(sys.argv[1:] if argv is None else argv))
+    if command == "serve" and args.transport == "stdio" and relay.wanted():
+        return relay.run(given)
 
     from .config import load_settings
     from .errors import ImageGenError
@@ -222,6 +231,8 @@ async def _run_work(command: str, settings: Any, args: argparse.Namespace) -> in
 
 
 async def _models(service: Any, args: argparse.Namespace) -> int:
+    import json
+
     models, warnings = await service.list_models(
         capability=args.capability, endpoint=args.endpoint, refresh=args.refresh
     )

@@ -188,8 +188,11 @@ class JobRecord(BaseModel):
     pid: int | None = None  # the process that ran it: a "running" record of a dead one was interrupted
 
     def owner_alive(self) -> bool:
+        """Whether another live process may still be running this job. Our own pid means a
+        previous life of a process with the same pid (containers reuse pid 1): a job of this
+        process is found in its memory before its record is ever read."""
         if self.pid is None or self.pid == os.getpid():
-            return self.pid == os.getpid()
+            return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -233,18 +236,6 @@ class JobBook:
             return JobRecord.model_validate_json(self._path(job_id).read_bytes())
         except (OSError, ValidationError):
             return None
-
-    def running(self) -> list[JobRecord]:
-        try:
-            names = [e.name for e in os.scandir(self.folder) if e.name.endswith(".json")]
-        except OSError:
-            return []
-        out = []
-        for name in names:
-            record = self.read(name[: -len(".json")])
-            if record is not None and record.status == "running":
-                out.append(record)
-        return out
 
 
 def _valid_job_id(job_id: str) -> bool:

@@ -235,7 +235,10 @@ def recovery_folders() -> list[Path]:
     state = os.environ.get("XDG_STATE_HOME") or str(home / ".local" / "state")
     if os.name == "nt":
         state = os.environ.get("LOCALAPPDATA") or state
-    return [Path(state) / "mcp-imagegen" / RECOVERED_DIR_NAME, Path(tempfile.gettempdir()) / f"mcp-imagegen-{RECOVERED_DIR_NAME}"]
+    return [
+        Path(state) / "mcp-imagegen" / RECOVERED_DIR_NAME,
+        Path(tempfile.gettempdir()) / f"mcp-imagegen-{RECOVERED_DIR_NAME}",
+    ]
 
 
 def keep_unsaved(data: bytes, file_name: str, record: dict[str, Any]) -> Path | None:

@@ -16,11 +16,12 @@ Windows has no process groups to escape: the server runs in-process there, as be
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
-from typing import IO
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 WORKER_ENV = "MCP_IMAGEGEN_STDIO_WORKER"  # set in the child: serve, do not relay again
 CHUNK = 256 * 1024
@@ -31,48 +32,132 @@ def wanted() -> bool:
     return os.name == "posix" and not os.environ.get(WORKER_ENV)
 
 
+_VALUE_OPTIONS = frozenset({"--transport", "--host", "--port", "--auth-token", "--log-level"})
+_FLAG_OPTIONS = frozenset({"--stateless", "--allow-unauthenticated"})
+
+
+def serves_stdio(args: Sequence[str]) -> bool:
+    """Whether the command line asks for the stdio server, read without argparse (which costs
+    more than the rest of the relay). Anything unusual (help, another command, an unknown
+    option) answers False: the real parser then decides, and a stdio server still relays."""
+    transport = "stdio"
+    command_seen = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg == "serve" and not command_seen:
+            command_seen = True
+        elif arg in _FLAG_OPTIONS:
+            pass
+        elif eq and name in _VALUE_OPTIONS:
+            transport = value if name == "--transport" else transport
+        elif arg in _VALUE_OPTIONS and i + 1 < len(args):
+            transport = args[i + 1] if arg == "--transport" else transport
+            i += 1
+        else:
+            return False
+        i += 1
+    return transport == "stdio"
+
+
 def run(argv: Sequence[str]) -> int:
     env = dict(os.environ)
     env[WORKER_ENV] = "1"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "mcp_imagegen", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=None,  # the server's log goes straight to the host's stderr
-        start_new_session=True,
-        env=env,
-        bufsize=0,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    to_child = _Once(child.stdin)
-    threading.Thread(target=_copy_in, args=(child.stdin.fileno(), to_child), name="stdin relay", daemon=True).start()
+    pid, to_child, from_child = _spawn([sys.executable, *_interpreter_flags(), "-m", "mcp_imagegen", *argv], env)
+    import threading  # only now: the server starts meanwhile
+
+    closer = _Once(to_child, threading.Lock())
+    threading.Thread(target=_copy_in, args=(to_child, closer), name="stdin relay", daemon=True).start()
     try:
-        _copy(child.stdout.fileno(), 1)
+        _copy(from_child, 1)
     except KeyboardInterrupt:
         return 130
     finally:
         # Whatever ended the copy (the server closed its stdout, the host stopped reading), the
         # server must see EOF now, not when this process is reaped.
-        to_child.close()
+        closer.close()
+    return _exit_code(pid, EXIT_WAIT_S)
+
+
+def _spawn(command: list[str], env: dict[str, str]) -> tuple[int, int, int]:
+    """Start the server in a new session with pipes for its stdin and stdout (stderr is shared).
+
+    posix_spawn, because importing subprocess alone costs as much as the rest of the relay;
+    subprocess where the platform has no POSIX_SPAWN_SETSID.
+    """
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
     try:
-        return child.wait(EXIT_WAIT_S)
-    except subprocess.TimeoutExpired:
-        return 0  # still saving what it was paid for, out of the host's way
+        dup2 = os.POSIX_SPAWN_DUP2
+        pid = os.posix_spawn(command[0], command, env, file_actions=[(dup2, in_r, 0), (dup2, out_w, 1)], setsid=True)
+    except (AttributeError, NotImplementedError):
+        import subprocess
+
+        child = subprocess.Popen(command, stdin=in_r, stdout=out_w, env=env, start_new_session=True)
+        _KEPT.append(child)  # a collected Popen would reap the child behind our back
+        pid = child.pid
+    os.close(in_r)
+    os.close(out_w)
+    return pid, in_w, out_r
+
+
+_KEPT: list[object] = []
+_FLAGS = (
+    "optimize",
+    "no_user_site",
+    "no_site",
+    "ignore_environment",
+    "verbose",
+    "bytes_warning",
+    "quiet",
+    "isolated",
+    "dev_mode",
+    "safe_path",
+)
+
+
+def _interpreter_flags() -> list[str]:
+    """The interpreter options the relay was given (-X importtime, -O, -I...), for the server."""
+    if not sys._xoptions and not sys.warnoptions and not any(getattr(sys.flags, f, 0) for f in _FLAGS):
+        return []
+    import subprocess
+
+    return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
+
+
+def _exit_code(pid: int, wait_s: float) -> int:
+    """The server's exit code, or 0 if it is still saving what it was paid for after `wait_s`."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return 0  # out of the host's way; it exits on its own
+        time.sleep(0.01)
 
 
 class _Once:
     """Closes the server's stdin once, whichever side gets there first."""
 
-    def __init__(self, pipe: IO[bytes]) -> None:
-        self._pipe = pipe
-        self._lock = threading.Lock()
+    def __init__(self, fd: int, lock: Any) -> None:
+        self._fd = fd
+        self._lock = lock
 
     def close(self) -> None:
         with self._lock:
-            try:
-                self._pipe.close()
-            except OSError:
-                pass
+            if self._fd >= 0:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = -1
 
 
 def _copy_in(target: int, closer: _Once) -> None:
@@ -97,4 +182,3 @@ def _copy(source: int, target: int) -> None:
                 view = view[os.write(target, view) :]
         except OSError:  # the other end is gone
             return
-

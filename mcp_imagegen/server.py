@@ -451,6 +451,12 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         tool: str, ctx: Context | None, request: ImageRequest, inline_full: bool, verb: str
     ) -> CallToolResult:
         svc = holder.get()
+        with svc.answering():  # a drain (SIGTERM) lets this call answer before connections close
+            return await _run_request(svc, tool, ctx, request, inline_full, verb)
+
+    async def _run_request(
+        svc: Any, tool: str, ctx: Context | None, request: ImageRequest, inline_full: bool, verb: str
+    ) -> CallToolResult:
         progress = _Progress(ctx, float(request.n))
         job = svc.submit(request, progress=progress.service_report)
         started = time.monotonic()
@@ -650,7 +656,9 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
             if job.status in ("cancelled", "interrupted") and job.result is not None:
                 why = job.error.message if job.error is not None else job.status
                 result = job.result.model_copy(
-                    update={"warnings": [*job.result.warnings, f"the job was {job.status} ({why}); these images were saved"]}
+                    update={
+                        "warnings": [*job.result.warnings, f"the job was {job.status} ({why}); these images were saved"]
+                    }
                 )
             else:
                 raise

@@ -17,7 +17,8 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,8 @@ class ImageService:
         self._jobs: dict[str, Job] = {}
         self._idle_trim = IdleTrim()
         self._draining = False
+        self._in_flight_at_stop: list[Job] = []
+        self._answering = 0
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
@@ -125,9 +128,28 @@ class ImageService:
     def draining(self) -> bool:
         return self._draining
 
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Around a tool call that waits on a job: a drain lets these answer before it ends."""
+        self._answering += 1
+        try:
+            yield
+        finally:
+            self._answering -= 1
+
+    async def calls_answered(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until no tool call is still building or sending its answer."""
+        with anyio.move_on_after(timeout):
+            while self._answering:
+                await anyio.sleep(0.02)
+        return not self._answering
+
     def begin_drain(self) -> None:
-        """Refuse new jobs from now on (synchronous: safe in a signal handler)."""
-        self._draining = True
+        """Refuse new jobs from now on (synchronous: safe in a signal handler); the jobs running
+        now are the ones the drain reports on, even those that finish before it starts."""
+        if not self._draining:
+            self._draining = True
+            self._in_flight_at_stop = self.running_jobs()
 
     def running_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if job.status == "running"]
@@ -135,13 +157,11 @@ class ImageService:
     async def drain(self, grace_s: float | None) -> DrainReport:
         """Stop taking jobs, drop requests not yet sent, await sent ones (at most `grace_s`, or
         until each ends by its own timeout when None), save, and say what was kept."""
-        first = not self._draining
-        self._draining = True
-        running = self.running_jobs()
+        self.begin_drain()
+        running = list(dict.fromkeys([*self._in_flight_at_stop, *self.running_jobs()]))
         report = DrainReport(jobs=len(running))
         if not running:
             return report
-        saved_before = sum(len(job.saved) for job in running)
         for job in running:
             job.stop_unsent("shutdown")
         with anyio.CancelScope(shield=True), anyio.move_on_after(grace_s):
@@ -153,8 +173,7 @@ class ImageService:
             if job.status == "running":
                 report.interrupted.append(job.id)
                 self._persist_now(job, status="interrupted")
-        if first or report.jobs:
-            log.warning("shutdown: %s (%d saved before the shutdown began)", report.describe(), saved_before)
+        log.warning("shutdown: %s", report.describe())
         return report
 
     def abandon(self) -> list[str]:
@@ -179,7 +198,8 @@ class ImageService:
 
     async def _persist(self, job: Job) -> None:
         try:
-            await on_disk(lambda record=job.to_record(): self.store.jobs.write(record))
+            record = job.to_record()  # taken now, on the loop: the job may move on meanwhile
+            await on_disk(lambda: self.store.jobs.write(record))
         except OSError as exc:  # a job record is a convenience; the image records are the truth
             log.debug("could not write the record of job %s: %s", job.id, exc)
 
@@ -811,7 +831,12 @@ class ImageService:
         from .recovery import keep_unsaved
 
         name = f"{job.id}_{len(job.saved) + 1}_{secrets.token_hex(3)}.{EXTENSIONS.get(mime, 'bin')}"
-        about = {"job_id": job.id, "prompt": job.request.prompt, "model": route.model.id, "endpoint": route.endpoint.name}
+        about = {
+            "job_id": job.id,
+            "prompt": job.request.prompt,
+            "model": route.model.id,
+            "endpoint": route.endpoint.name,
+        }
         kept = await on_disk(lambda: keep_unsaved(data, name, about))
         where = f"Its bytes were kept at {kept}" if kept else "No other folder could take its bytes either"
         log.error("could not save an image of job %s: %s; %s", job.id, error.message, where)

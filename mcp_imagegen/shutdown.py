@@ -13,15 +13,14 @@ exits, inside the ~30 s a container gets. A second signal exits at once, as abov
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import anyio.from_thread
 
 log = logging.getLogger("mcp_imagegen.shutdown")
 
@@ -33,8 +32,12 @@ EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def exit_now(service: Any, why: str) -> None:
     """The second signal: record running jobs as interrupted and leave without waiting."""
     ids = service.abandon()
-    log.warning("%s: exiting now; %d job(s) left waiting on the gateway were recorded as interrupted: %s",
-                why, len(ids), ", ".join(ids) or "none")
+    log.warning(
+        "%s: exiting now; %d job(s) left waiting on the gateway were recorded as interrupted: %s",
+        why,
+        len(ids),
+        ", ".join(ids) or "none",
+    )
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
@@ -47,8 +50,9 @@ def exit_now(service: Any, why: str) -> None:
 
 
 class _Wire:
-    """The protocol's own copies of stdin and stdout; fd 0 and 1 are pointed elsewhere meanwhile,
-    so a stray read gets EOF and a stray print lands on stderr, never on the wire."""
+    """The protocol's own copies of stdin and stdout, read and written without blocking, so a stop
+    (a signal) is never stuck behind a read from a host that says nothing. Meanwhile fd 0 and 1
+    point elsewhere: a stray read gets EOF and a stray print lands on stderr, never on the wire."""
 
     def __init__(self) -> None:
         self.in_fd = os.dup(0)
@@ -57,36 +61,46 @@ class _Wire:
         os.dup2(null, 0)
         os.close(null)
         os.dup2(2, 1)
+        os.set_blocking(self.in_fd, False)
+        os.set_blocking(self.out_fd, False)
         self.broken = False
         self.on_broken: Any = None
-        self._in = io.TextIOWrapper(os.fdopen(self.in_fd, "rb", buffering=0, closefd=False), encoding="utf-8", errors="replace")
-        self._out = os.fdopen(self.out_fd, "wb", buffering=0, closefd=False)
 
-    # The SDK's stdio transport reads lines and writes text through these (in worker threads).
-    def __iter__(self) -> Any:
-        return iter(self._in)
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._lines()
 
-    def readline(self) -> str:
-        return self._in.readline()
-
-    def write(self, text: str) -> int:
-        if self.broken:
-            return len(text)
-        data = text.encode("utf-8")
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[self._out.write(view) or 0 :]
-        except OSError:  # the peer is gone (EPIPE): stop serving, never crash
-            self.broken = True
-            if self.on_broken is not None:
+    async def _lines(self) -> AsyncIterator[str]:
+        pending = b""
+        while True:
+            while b"\n" not in pending:
+                await anyio.wait_readable(self.in_fd)
                 try:
-                    anyio.from_thread.run_sync(self.on_broken)
-                except RuntimeError:
-                    pass
-        return len(text)
+                    chunk = os.read(self.in_fd, 256 * 1024)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:  # end of input
+                    if pending.strip():
+                        yield pending.decode("utf-8", errors="replace")
+                    return
+                pending += chunk
+            line, _, pending = pending.partition(b"\n")
+            yield line.decode("utf-8", errors="replace") + "\n"
 
-    def flush(self) -> None:
+    async def write(self, text: str) -> None:
+        view = memoryview(text.encode("utf-8"))
+        while view and not self.broken:
+            try:
+                view = view[os.write(self.out_fd, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self.out_fd)
+            except OSError:  # the peer is gone (EPIPE): stop serving, never crash
+                self.broken = True
+                if self.on_broken is not None:
+                    self.on_broken()
+
+    async def flush(self) -> None:
         pass
 
     def close_out(self) -> None:
@@ -110,6 +124,12 @@ async def serve_stdio_until_done(settings: Any) -> None:
     service = ImageService(settings)
     async with service:
         server = build_server(settings, service)
+        if sys.platform == "win32":  # no relay there (see relay.py): the SDK's own stdio as before
+            try:
+                await server.run_stdio_async()
+            finally:
+                await service.drain(None)
+            return
         lowlevel = server._lowlevel_server  # the SDK's own run_stdio_async, with our wire
         wire = _Wire()
         stopping = anyio.Event()
@@ -119,18 +139,24 @@ async def serve_stdio_until_done(settings: Any) -> None:
                 wire.on_broken = serving.cancel
                 tg.start_soon(_cancel_when, stopping, serving)
                 try:
-                    async with stdio_server(stdin=anyio.wrap_file(wire), stdout=anyio.wrap_file(wire)) as (r, w):
+                    async with stdio_server(stdin=wire, stdout=wire) as (r, w):  # type: ignore[arg-type]
                         # A request the SDK cannot read is answered, not dropped (rpc_errors.py).
                         await lowlevel.run(AnsweringReadStream(r, w), w, lowlevel.create_initialization_options())
                 except Exception as exc:  # a transport failure ends serving, never the jobs
                     log.warning("stdio transport failed (%s); finishing the work in flight", type(exc).__name__)
-            why = "the client closed stdin" if not stopping.is_set() and not wire.broken else (
-                "stdout is gone" if wire.broken else "a signal"
+            why = (
+                "the client closed stdin"
+                if not stopping.is_set() and not wire.broken
+                else ("stdout is gone" if wire.broken else "a signal")
             )
             wire.close_out()
             running = service.running_jobs()
             if running:
-                log.warning("stopping (%s): finishing %d job(s) already sent to the gateway", why, len(running))
+                log.warning(
+                    "stopping (%s): finishing %d job(s) in flight (what was sent is awaited and saved)",
+                    why,
+                    len(running),
+                )
             longest = max((ep.timeout_s for ep in settings.endpoints), default=0.0)
             await service.drain(2 * longest + STDIO_DRAIN_MARGIN_S)
             tg.cancel_scope.cancel()
@@ -158,19 +184,29 @@ async def _watch_signals(service: Any, stopping: anyio.Event) -> None:
 def draining_server(config: Any, service: Any) -> Any:
     """A uvicorn.Server whose first signal drains the service before the connections close."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette ends every SSE response (a tool call's answer travels in one) the moment
+    # uvicorn sees a signal; the answers in flight must get through first, so the drain says when.
+    AppStatus.disable_automatic_graceful_drain()
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.should_exit:
                 exit_now(service, f"second signal ({signal.Signals(sig).name})")
             service.begin_drain()  # from this instant new calls are refused
-            log.warning("%s received: no new calls; finishing the work in flight (at most %.0f s)",
-                        signal.Signals(sig).name, HTTP_DRAIN_S)
+            log.warning(
+                "%s received: no new calls; finishing the work in flight (at most %.0f s)",
+                signal.Signals(sig).name,
+                HTTP_DRAIN_S,
+            )
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets: Any = None) -> None:
             # In-flight calls answer on their open connections while the jobs finish.
             await service.drain(HTTP_DRAIN_S)
+            await service.calls_answered(5.0)
+            AppStatus.should_exit = True  # now the remaining SSE streams (idle GETs) may end
             await super().shutdown(sockets)
 
     return DrainingServer(config)
@@ -188,7 +224,10 @@ class DrainGate:
             from starlette.responses import JSONResponse
 
             response = JSONResponse(
-                {"error": "shutting_down", "error_description": "the server is shutting down; call again after it restarts"},
+                {
+                    "error": "shutting_down",
+                    "error_description": "the server is shutting down; call again after it restarts",
+                },
                 status_code=503,
                 headers={"Retry-After": "5", "Connection": "close"},
             )

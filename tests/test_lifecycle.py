@@ -110,7 +110,9 @@ def image_records(out: Path) -> list[ImageRecord]:
 
 
 def job_records(out: Path) -> list[JobRecord]:
-    return [JobRecord.model_validate_json(p.read_bytes()) for p in sorted((out / ".mcp-imagegen" / "jobs").glob("*.json"))]
+    return [
+        JobRecord.model_validate_json(p.read_bytes()) for p in sorted((out / ".mcp-imagegen" / "jobs").glob("*.json"))
+    ]
 
 
 def process_gone(pid: int) -> bool:
@@ -139,9 +141,7 @@ def wait_until_finished(out: Path, jobs: int, exited: bool = True) -> list[JobRe
     return records
 
 
-def assert_saved_equals_served(
-    out: Path, emu: Emulator, expected: int = CALLS, exited: bool = True
-) -> list[JobRecord]:
+def assert_saved_equals_served(out: Path, emu: Emulator, expected: int = CALLS, exited: bool = True) -> list[JobRecord]:
     jobs = wait_until_finished(out, expected, exited)
     served = emu.served(GENERATIONS)
     records = image_records(out)
@@ -173,7 +173,7 @@ async def assert_findable_from_a_new_server(tmp_path: Path, env: dict[str, str],
 class StdioHost:
     """Starts `python -m mcp_imagegen` as a host does (its own process group) and talks JSON-RPC."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str], reader: bool = True) -> None:
         self.stderr = (tmp_path / "server-stderr.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mcp_imagegen"],
@@ -186,7 +186,9 @@ class StdioHost:
         )
         self.replies: dict[int, dict[str, Any]] = {}
         self._next = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = reader  # without: the test reads (so it may close stdout under no thread)
+        if reader:
+            threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -210,11 +212,17 @@ class StdioHost:
             "initialize",
             {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "host", "version": "0"}},
         )
-        wait_for(lambda: rid in self.replies, "the initialize answer")
+        if self._reader:
+            wait_for(lambda: rid in self.replies, "the initialize answer")
+        else:
+            assert self.proc.stdout is not None
+            assert json.loads(self.proc.stdout.readline())["id"] == rid
         self.send("notifications/initialized", notify=True)
 
     def call(self, prompt: str) -> int:
-        return self.send("tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-2"}})
+        return self.send(
+            "tools/call", {"name": "generate_image", "arguments": {"prompt": prompt, "model": "gpt-image-2"}}
+        )
 
     def close(self) -> None:
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -335,9 +343,7 @@ async def test_stdio_client_process_killed(tmp_path: Path, gateway: Emulator) ->
     await assert_findable_from_a_new_server(tmp_path, env, jobs)
 
 
-async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
-    tmp_path: Path, gateway: Emulator
-) -> None:
+async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(tmp_path: Path, gateway: Emulator) -> None:
     env = server_env(tmp_path, gateway)
     params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
     with (tmp_path / "stderr.log").open("a") as errlog, anyio.fail_after(90):
@@ -350,7 +356,9 @@ async def test_sdk_read_timeout_sends_a_cancel_and_the_sent_request_is_saved(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(release_once_sent)
                 with pytest.raises(Exception, match="(?i)timed out|timeout"):
-                    await client.call_tool("generate_image", {"prompt": "slow", "model": "gpt-image-2"}, read_timeout_seconds=1)
+                    await client.call_tool(
+                        "generate_image", {"prompt": "slow", "model": "gpt-image-2"}, read_timeout_seconds=1
+                    )
             assert len(gateway.requests_to(GENERATIONS)) == 1  # sent before the cancel
             gateway.release()
             while not (tmp_path / "out" / ".mcp-imagegen" / "jobs").is_dir() or any(
@@ -421,8 +429,12 @@ async def open_session(http: httpx2.AsyncClient, url: str) -> dict[str, str]:
 
 
 async def raw_call(http: httpx2.AsyncClient, url: str, headers: dict[str, str], i: int) -> None:
-    body = {"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call",
-            "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-2"}}}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 100 + i,
+        "method": "tools/call",
+        "params": {"name": "generate_image", "arguments": {"prompt": f"call {i}", "model": "gpt-image-2"}},
+    }
     try:
         async with http.stream("POST", url, json=body, headers=headers) as response:
             async for _ in response.aiter_bytes():
@@ -467,7 +479,9 @@ async def test_http_sigterm_drains_in_flight_calls(tmp_path: Path, gateway: Emul
             await client.list_tools()  # the client checks results against the tools' schemas
 
             async def call(i: int) -> None:
-                answers.append(await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-2"}))
+                answers.append(
+                    await client.call_tool("generate_image", {"prompt": f"call {i}", "model": "gpt-image-2"})
+                )
 
             async with anyio.create_task_group() as tg:
                 for i in range(CALLS):
@@ -476,6 +490,7 @@ async def test_http_sigterm_drains_in_flight_calls(tmp_path: Path, gateway: Emul
                 proc.send_signal(signal.SIGTERM)
                 # Draining (the gateway still holds every answer): a new call is turned away.
                 async with httpx2.AsyncClient(timeout=10) as other:
+
                     async def refused() -> bool:
                         return (await other.post(url, json=INIT, headers=JSON_HEADERS)).status_code == 503
 
@@ -548,8 +563,8 @@ async def test_restart_after_kill_9_finds_every_whole_image_and_no_torn_record(
         gateway.release()
     # What a kill in the middle of a save leaves: a whole temp file and a torn one.
     whole = png((16, 16), "purple")
-    (out / f".20260101-000000_mid-save_KiLlEd.png.0a0b0c0d.mcpimg-partial").write_bytes(whole)
-    (out / f".20260101-000001_torn_ToRnNn.png.0e0f0a0b.mcpimg-partial").write_bytes(whole[:40])
+    (out / ".20260101-000000_mid-save_KiLlEd.png.0a0b0c0d.mcpimg-partial").write_bytes(whole)
+    (out / ".20260101-000001_torn_ToRnNn.png.0e0f0a0b.mcpimg-partial").write_bytes(whole[:40])
 
     params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_imagegen"], env=env, cwd=tmp_path)
     with (tmp_path / "verify-stderr.log").open("a") as errlog, anyio.fail_after(60):
@@ -567,3 +582,82 @@ async def test_restart_after_kill_9_finds_every_whole_image_and_no_torn_record(
             read = await client.read_resource(recovered[0].uri)
             assert read.contents[0].blob  # type: ignore[union-attr]
     assert not [p for p in out.rglob("*.mcpimg-partial")]
+
+
+# --- the relay ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["module", "console script"])
+def test_both_entry_points_serve_from_a_worker_outside_the_hosts_process_group(
+    tmp_path: Path, entry: str, emulator: Any
+) -> None:
+    children = Path("/proc/self/task")
+    if not children.is_dir():
+        pytest.skip("needs /proc to find the worker")
+    env = server_env(tmp_path, emulator("openai"))
+    script = Path(sys.executable).parent / "mcp-imagegen"
+    command = [sys.executable, "-m", "mcp_imagegen"] if entry == "module" else [str(script)]
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(INIT).encode() + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["result"]["serverInfo"]["name"] == "mcp-imagegen"
+        [worker] = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert os.getpgid(worker) != os.getpgid(proc.pid)  # a group kill of the host's child misses it
+        assert os.getsid(worker) == worker
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+        wait_for(lambda: process_gone(worker), "the worker to exit on end of input")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_stdio_worker_sigterm_finishes_sent_work(tmp_path: Path, gateway: Emulator) -> None:
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to find the worker")
+    env = server_env(tmp_path, gateway)
+    host = StdioHost(tmp_path, env)
+    try:
+        start_calls(host, gateway, 2)
+        [worker] = [int(p) for p in Path(f"/proc/{host.proc.pid}/task/{host.proc.pid}/children").read_text().split()]
+        os.kill(worker, signal.SIGTERM)  # e.g. a service manager stopping it
+        log = tmp_path / "server-stderr.log"
+        wait_for(lambda: "SIGTERM received" in log.read_text(), "the worker to stop taking calls")
+        gateway.release()
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway, expected=2)
+        assert "2 image(s) saved" in log.read_text()
+    finally:
+        host.close()
+    await assert_findable_from_a_new_server(tmp_path, env, jobs)
+
+
+async def test_a_dead_stdout_never_crashes_the_server_and_loses_nothing(tmp_path: Path, gateway: Emulator) -> None:
+    # The server alone (no relay), as a host that stopped reading would leave it: its answers
+    # meet a broken pipe (EPIPE), the case that used to end in a BrokenPipe ExceptionGroup.
+    env = {**server_env(tmp_path, gateway), "MCP_IMAGEGEN_STDIO_WORKER": "1"}
+    host = StdioHost(tmp_path, env, reader=False)
+    try:
+        start_calls(host, gateway, 2)
+        assert host.proc.stdout is not None
+        host.proc.stdout.close()  # nobody reads the answers any more; stdin stays open
+        gateway.release()
+        jobs = assert_saved_equals_served(tmp_path / "out", gateway, expected=2)
+        assert host.proc.wait(60) == 0
+    finally:
+        host.close()
+    log = (tmp_path / "server-stderr.log").read_text()
+    assert "Traceback" not in log and "ExceptionGroup" not in log, log[-3000:]
+    await assert_findable_from_a_new_server(
+        tmp_path, env={k: v for k, v in env.items() if k != "MCP_IMAGEGEN_STDIO_WORKER"}, jobs=jobs
+    )
