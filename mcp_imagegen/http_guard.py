@@ -230,7 +230,7 @@ class _GuardedH11Protocol(H11Protocol):
         self._close_with(_REQUEST_TIMEOUT)
 
     def _peer(self) -> str:
-        return "%s:%d" % self.client if self.client else "an unknown peer"
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown peer"
 
     # --- the connection cap --------------------------------------------------------------------
 
@@ -239,7 +239,10 @@ class _GuardedH11Protocol(H11Protocol):
         idle = [
             c
             for c in self.connections
-            if c is not self and isinstance(c, _GuardedH11Protocol) and not c._in_flight() and not c.transport.is_closing()
+            if c is not self
+            and isinstance(c, _GuardedH11Protocol)
+            and not c._in_flight()
+            and not c.transport.is_closing()
         ]
         if not idle:
             return False

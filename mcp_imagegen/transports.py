@@ -19,6 +19,7 @@ client); requests the SDK cannot read are answered by rpc_errors.py, on stdio to
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
 import ipaddress
@@ -26,8 +27,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-
-import asyncio
 
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
@@ -262,9 +261,9 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
 
 
 async def serve_stdio(settings: Settings) -> None:
-    from .server import build_server
-
     from mcp.server.stdio import stdio_server
+
+    from .server import build_server
 
     server = build_server(settings)
     lowlevel = _lowlevel(server)
