@@ -282,7 +282,7 @@ class AcceptErrorLog:
         self._next_log = now + ACCEPT_LOG_EVERY_S
         exc = context.get("exception")
         log.warning(
-            "cannot accept connections: %s (%d failures since the last report); "
+            "cannot accept connections: %s (failed accepts since the last report: %d); "
             "idle connections are being closed, and accepting resumes as descriptors free up",
             getattr(exc, "strerror", None) or exc,
             self._count,
