@@ -185,6 +185,7 @@ async def test_sse_streams_are_limited_per_client(tmp_path: Path) -> None:
                 third = await flooder.get(f"{origin}/sse")
                 assert third.status_code == 429 and third.headers["retry-after"]
                 assert third.json()["error"]["code"] == -32000
+                assert "2 open SSE streams" in third.json()["error"]["message"]
 
                 def factory(headers: Any = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
                     return http_from(OTHER_PEER, headers=headers)
