@@ -67,6 +67,10 @@ _log_slow_body = _Throttled(logging.INFO, "closing connections whose request bod
 class ConnectionLimits:
     read_timeout_s: float
     max_connections: int
+    # uvicorn's `backlog`, which asyncio also uses as the number of connections it accepts in one
+    # go before any of them is seen (and possibly closed) here: kept within the reserve, so a
+    # burst cannot run the process out of descriptors before the cap can act.
+    backlog: int = 2048
 
 
 def descriptor_limit() -> int | None:
@@ -93,7 +97,7 @@ def connection_limits(read_timeout_s: float) -> ConnectionLimits:
     if limit is None:
         return ConnectionLimits(read_timeout_s, 10_000)
     reserve = max(_RESERVED_FDS_MIN, limit // 4)
-    return ConnectionLimits(read_timeout_s, max(16, limit - reserve))
+    return ConnectionLimits(read_timeout_s, max(16, limit - reserve), backlog=min(2048, max(16, reserve // 2)))
 
 
 def _raw_response(status: str, message: str, retry_after: int | None = None) -> bytes:

@@ -249,6 +249,7 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
         host=host,
         port=port,
         http=guarded_protocol(limits),  # header and body timeouts, the connection cap (http_guard.py)
+        backlog=limits.backlog,
         log_config=uvicorn_log_config(),
         log_level="info" if level <= logging.INFO else "warning",
         lifespan="on",
