@@ -67,6 +67,10 @@ _log_slow_body = _Throttled(logging.INFO, "closing connections whose request bod
 class ConnectionLimits:
     read_timeout_s: float
     max_connections: int
+    # uvicorn's `backlog`, which asyncio also uses as the number of connections it accepts in one
+    # go before any of them is seen (and possibly closed) here: kept within the reserve, so a
+    # burst cannot run the process out of descriptors before the cap can act.
+    backlog: int = 2048
 
 
 def descriptor_limit() -> int | None:
@@ -93,7 +97,7 @@ def connection_limits(read_timeout_s: float) -> ConnectionLimits:
     if limit is None:
         return ConnectionLimits(read_timeout_s, 10_000)
     reserve = max(_RESERVED_FDS_MIN, limit // 4)
-    return ConnectionLimits(read_timeout_s, max(16, limit - reserve))
+    return ConnectionLimits(read_timeout_s, max(16, limit - reserve), backlog=min(2048, max(16, reserve // 2)))
 
 
 def _raw_response(status: str, message: str, retry_after: int | None = None) -> bytes:
@@ -230,7 +234,7 @@ class _GuardedH11Protocol(H11Protocol):
         self._close_with(_REQUEST_TIMEOUT)
 
     def _peer(self) -> str:
-        return "%s:%d" % self.client if self.client else "an unknown peer"
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown peer"
 
     # --- the connection cap --------------------------------------------------------------------
 
@@ -239,7 +243,10 @@ class _GuardedH11Protocol(H11Protocol):
         idle = [
             c
             for c in self.connections
-            if c is not self and isinstance(c, _GuardedH11Protocol) and not c._in_flight() and not c.transport.is_closing()
+            if c is not self
+            and isinstance(c, _GuardedH11Protocol)
+            and not c._in_flight()
+            and not c.transport.is_closing()
         ]
         if not idle:
             return False
@@ -279,7 +286,7 @@ class AcceptErrorLog:
         self._next_log = now + ACCEPT_LOG_EVERY_S
         exc = context.get("exception")
         log.warning(
-            "cannot accept connections: %s (%d failures since the last report); "
+            "cannot accept connections: %s (failed accepts since the last report: %d); "
             "idle connections are being closed, and accepting resumes as descriptors free up",
             getattr(exc, "strerror", None) or exc,
             self._count,

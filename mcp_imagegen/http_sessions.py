@@ -49,11 +49,18 @@ def client_key(scope: Scope) -> ClientKey:
     return credential, (client[0] if client else "unknown")
 
 
-def too_many_sessions(limit: int, retry_after_s: int) -> JSONResponse:
-    message = (
-        f"this client already has {limit} open MCP sessions, the most one client may hold; close sessions "
-        f"it no longer uses (an SDK client does on exit), or retry after {retry_after_s} s, when idle ones expire"
-    )
+def too_many_sessions(limit: int, retry_after_s: int, *, streams: bool = False) -> JSONResponse:
+    if streams:
+        message = (
+            f"this client already has {limit} open SSE streams, the most one client may hold; close streams "
+            f"it no longer uses, then retry (in {retry_after_s} s at the latest)"
+        )
+    else:
+        message = (
+            f"this client already has {limit} open MCP sessions, the most one client may hold; close sessions "
+            f"it no longer uses (an SDK client does on exit), or retry in {retry_after_s} s, when an idle one "
+            "expires"
+        )
     return JSONResponse(
         {"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}},
         status_code=429,
@@ -189,7 +196,7 @@ class _SseEndpoint:
         if self.open_streams[key] >= self._limit:
             self._refusals(key, "SSE stream", self._limit)
             # A stream ends only when its client goes; nothing expires on a clock to point at.
-            await too_many_sessions(self._limit, 60)(scope, receive, send)
+            await too_many_sessions(self._limit, 60, streams=True)(scope, receive, send)
             return
         self.open_streams[key] += 1
         try:

@@ -19,6 +19,7 @@ client); requests the SDK cannot read are answered by rpc_errors.py, on stdio to
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
 import ipaddress
@@ -26,8 +27,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-
-import asyncio
 
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
@@ -253,6 +252,7 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
         host=host,
         port=port,
         http=guarded_protocol(limits),  # header and body timeouts, the connection cap (http_guard.py)
+        backlog=limits.backlog,
         log_config=uvicorn_log_config(),
         log_level="info" if level <= logging.INFO else "warning",
         lifespan="on",

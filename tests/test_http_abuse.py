@@ -25,6 +25,7 @@ import pytest
 from mcp.client import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types.version import LATEST_MODERN_VERSION
 
 from mcp_imagegen.config import Settings
 from mcp_imagegen.http_guard import AcceptErrorLog
@@ -59,8 +60,17 @@ def http_from(peer: str, **kwargs: Any) -> httpx2.AsyncClient:
     )
 
 
-def legit_http_client(origin: str) -> Client:
-    return Client(streamable_http_client(f"{origin}/mcp", http_client=http_from(OTHER_PEER, headers=AUTH)))
+def legit_http_client(origin: str, mode: str = "legacy") -> Client:
+    # "legacy" opens a session (the 2026-07-28 era has none): the session limits apply to it too.
+    http = http_from(OTHER_PEER, headers=AUTH)
+    return Client(streamable_http_client(f"{origin}/mcp", http_client=http), mode=mode)
+
+
+def key_of(peer: str) -> tuple[str, str]:
+    """How the server names a client holding the test token at `peer`."""
+    return client_key(
+        {"type": "http", "headers": [(b"authorization", AUTH["Authorization"].encode())], "client": (peer, 1)}
+    )
 
 
 async def call_works(client: Client, prompt: str) -> None:
@@ -97,6 +107,8 @@ async def test_a_session_flood_is_refused_for_the_flooder_only(tmp_path: Path) -
             assert "5 open MCP sessions" in body["error"]["message"]
 
             async with legit_http_client(origin) as client:
+                legit = key_of(OTHER_PEER)
+                assert app.state.session_manager.sessions_of(legit) == 1  # a session of its own, beside the full ones
                 # The flood goes on while the other client works.
                 async with anyio.create_task_group() as tg:
 
@@ -120,7 +132,7 @@ async def test_a_session_flood_is_refused_for_the_flooder_only(tmp_path: Path) -
 
 async def test_idle_sessions_expire_and_free_their_clients_room(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, max_sessions_per_client=2, session_idle_timeout_s=1.0)
-    me = client_key({"type": "http", "headers": [(b"authorization", AUTH["Authorization"].encode())], "client": ("127.0.0.1", 1)})
+    me = key_of("127.0.0.1")
     with running(http_app, settings) as (origin, app), anyio.fail_after(60):
         manager = app.state.session_manager
         async with httpx2.AsyncClient(timeout=30) as http:
@@ -140,14 +152,15 @@ async def test_idle_sessions_expire_and_free_their_clients_room(tmp_path: Path) 
                 assert (await open_session(http, origin)).status_code == 200
 
 
-async def test_default_settings_hold_64_concurrent_calls_from_one_client(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_default_settings_hold_64_concurrent_calls_from_one_client(tmp_path: Path, mode: str) -> None:
     with running(http_app, settings_for(tmp_path)) as (origin, _app), anyio.fail_after(240):
         http = httpx2.AsyncClient(
             headers=AUTH,
             timeout=httpx2.Timeout(30, read=200),
             limits=httpx2.Limits(max_connections=128, max_keepalive_connections=128),
         )
-        async with Client(streamable_http_client(f"{origin}/mcp", http_client=http)) as client:
+        async with Client(streamable_http_client(f"{origin}/mcp", http_client=http), mode=mode) as client:
             done: list[int] = []
 
             async def one(i: int) -> None:
@@ -164,11 +177,15 @@ async def test_sse_streams_are_limited_per_client(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, max_sessions_per_client=2)
     with running(sse_app, settings) as (origin, _app), anyio.fail_after(60):
         async with httpx2.AsyncClient(timeout=httpx2.Timeout(30), headers=AUTH) as flooder:
-            async with flooder.stream("GET", f"{origin}/sse") as first, flooder.stream("GET", f"{origin}/sse") as second:
+            async with (
+                flooder.stream("GET", f"{origin}/sse") as first,
+                flooder.stream("GET", f"{origin}/sse") as second,
+            ):
                 assert first.status_code == second.status_code == 200
                 third = await flooder.get(f"{origin}/sse")
                 assert third.status_code == 429 and third.headers["retry-after"]
                 assert third.json()["error"]["code"] == -32000
+                assert "2 open SSE streams" in third.json()["error"]["message"]
 
                 def factory(headers: Any = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
                     return http_from(OTHER_PEER, headers=headers)
@@ -441,11 +458,15 @@ async def test_invalid_json_rpc_over_sse_is_answered_on_the_stream(tmp_path: Pat
                 assert (await next_data()) == {"jsonrpc": "2.0", "id": 50, "result": {}}
 
 
-async def test_invalid_json_rpc_over_streamable_http_is_answered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("era", ["sessions (2025-11-25)", "per request (2026-07-28)"])
+async def test_invalid_json_rpc_over_streamable_http_is_answered(tmp_path: Path, era: str) -> None:
     with running(http_app, settings_for(tmp_path)) as (origin, _app), anyio.fail_after(60):
         async with httpx2.AsyncClient(timeout=30, headers={**JSON_HEADERS, **AUTH}) as http:
-            opened = await http.post(f"{origin}/mcp", json=INIT)
-            session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+            if era.startswith("sessions"):
+                opened = await http.post(f"{origin}/mcp", json=INIT)
+                session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+            else:
+                session = {"mcp-protocol-version": LATEST_MODERN_VERSION}
             for message, code in [*BAD_REQUESTS, ("{not json", -32700)]:
                 body = message if isinstance(message, str) else json.dumps(message)
                 answer = await http.post(f"{origin}/mcp", content=body, headers=session)

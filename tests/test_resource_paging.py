@@ -10,7 +10,7 @@ from mcp.shared.exceptions import MCPError
 
 from mcp_imagegen.config import EndpointConfig, Settings
 from mcp_imagegen.errors import InvalidRequestError
-from mcp_imagegen.server import RESOURCE_PAGE_SIZE, RECENT_URI, build_server
+from mcp_imagegen.server import RECENT_URI, RESOURCE_PAGE_SIZE, build_server
 from mcp_imagegen.store import ImageStore
 from tests.test_store import save
 
