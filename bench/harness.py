@@ -433,24 +433,29 @@ class EmulatorPool:
 def start_emulator(
     kind: ImageKind, latency_s: float, api_key: str, workdir: Path, *, big: bool = False, timeout: float = 45.0
 ) -> EmulatorProc:
+    program = ["bench.big_emulator"] if big else ["tests.emulators", "openai"]
     port = free_port()
     log = workdir / f"emulator-{kind}-{latency_s:g}-{port}.log"
-    program = ["bench.big_emulator"] if big else ["tests.emulators", "openai"]
-    args = [
-        PYTHON,
-        "-m",
-        *program,
-        "--port",
-        str(port),
-        "--latency",
-        f"{latency_s:g}",
-        "--image",
-        kind,
-        "--api-key",
-        api_key,
-    ]
+    options = ["--latency", f"{latency_s:g}", "--image", kind, "--api-key", api_key]
+    proc, base_url = _spawn_emulator([*program, "--port", str(port), *options], log, timeout)
+    return EmulatorProc(kind, latency_s, big, proc, base_url, log)
+
+
+def start_limited_emulator(
+    capacity: int, retry_after_s: float, latency_s: float, api_key: str, workdir: Path, timeout: float = 45.0
+) -> EmulatorProc:
+    """`bench/limited_emulator.py`: serves `capacity` requests at once, 429 + Retry-After beyond."""
+    port = free_port()
+    log = workdir / f"emulator-limited-{capacity}-{port}.log"
+    args = ["bench.limited_emulator", "--port", str(port), "--capacity", str(capacity)]
+    args += ["--retry-after", f"{retry_after_s:g}", "--latency", f"{latency_s:g}", "--api-key", api_key]
+    proc, base_url = _spawn_emulator(args, log, timeout)
+    return EmulatorProc("flat", latency_s, False, proc, base_url, log)
+
+
+def _spawn_emulator(args: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen[str], str]:
     with open(log, "w") as errfile:
-        proc = REGISTRY.spawn(args, cwd=REPO_ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=errfile)
+        proc = REGISTRY.spawn([PYTHON, "-m", *args], cwd=REPO_ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=errfile)
     assert proc.stdout is not None
     reader = LineReader(proc.stdout)
     try:
@@ -458,8 +463,7 @@ def start_emulator(
     except (TimeoutError, RuntimeError) as exc:
         REGISTRY.kill(proc)
         raise RuntimeError(f"emulator did not start: {exc}\n{tail(log)}") from None
-    base_url = line.split(maxsplit=1)[1].strip().rstrip("/")
-    return EmulatorProc(kind, latency_s, big, proc, base_url, log)
+    return proc, line.split(maxsplit=1)[1].strip().rstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,10 +472,12 @@ def start_emulator(
 
 @dataclass(frozen=True)
 class EndpointSpec:
+    """One endpoint of a benchmark configuration: only what a user must write (name, provider,
+    base URL, key variable). Every other setting stays at its default, as a user gets it."""
+
     name: str
     base_url: str
     provider: str = "openai"
-    max_concurrency: int = 64
     models: tuple[str, ...] | None = None
 
 
@@ -488,7 +494,6 @@ def write_config(path: Path, output_dir: Path, endpoints: Iterable[EndpointSpec]
             f"provider = {_toml_str(ep.provider)}",
             f"base_url = {_toml_str(ep.base_url)}",
             f"api_key_env = {_toml_str(KEY_ENV)}",
-            f"max_concurrency = {ep.max_concurrency}",
         ]
         if ep.models is not None:
             lines.append("models = [" + ", ".join(_toml_str(m) for m in ep.models) + "]")
