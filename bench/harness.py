@@ -567,12 +567,14 @@ class HttpServer:
 
 
 def start_http_server(
-    config: Path, api_key: str, workdir: Path, timeout: float = 45.0, log_level: str | None = None
+    config: Path, api_key: str, workdir: Path, timeout: float = 45.0, watchdog: bool = False
 ) -> HttpServer:
+    """The server over streamable HTTP at its default settings; `watchdog` turns on its event-loop
+    watchdog alone (`bench/watched_server.py`), not DEBUG logging."""
     port = free_port()
-    args = [PYTHON, "-m", "mcp_imagegen", "serve", "--transport", "http", "--host", HOST, "--port", str(port)]
-    env = {**server_env(config, api_key, full=True), **({"MCP_IMAGEGEN_LOG_LEVEL": log_level} if log_level else {})}
-    return _start_http(args, env, port, workdir / f"server-http-{port}.log", timeout)
+    program = "bench.watched_server" if watchdog else "mcp_imagegen"
+    args = [PYTHON, "-m", program, "serve", "--transport", "http", "--host", HOST, "--port", str(port)]
+    return _start_http(args, server_env(config, api_key, full=True), port, workdir / f"server-http-{port}.log", timeout)
 
 
 def start_bare_http_server(
