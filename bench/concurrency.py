@@ -347,7 +347,7 @@ async def _rate_limited(client: Client, base_url: str, calls: int, ctx: BenchCon
         await _limited_stats(base_url, reset=True)
         errors: list[str] = []
 
-        async def one() -> None:
+        async def one(errors: list[str] = errors) -> None:
             try:
                 await call_generate(client, "limited", 1)
             except ToolCallFailed as exc:

@@ -455,7 +455,9 @@ def start_limited_emulator(
 
 def _spawn_emulator(args: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen[str], str]:
     with open(log, "w") as errfile:
-        proc = REGISTRY.spawn([PYTHON, "-m", *args], cwd=REPO_ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=errfile)
+        proc = REGISTRY.spawn(
+            [PYTHON, "-m", *args], cwd=REPO_ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=errfile
+        )
     assert proc.stdout is not None
     reader = LineReader(proc.stdout)
     try:

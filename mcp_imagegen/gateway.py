@@ -26,7 +26,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -383,7 +383,7 @@ class GatewayClient:
                 if answer is not None:
                     try:
                         # Parsing megabytes of JSON (base64 images) would stall the event loop.
-                        result = await in_worker_unless_small(lambda answer=answer: handle(answer), nbytes)
+                        result = await in_worker_unless_small(partial(handle, answer), nbytes)
                     except ImageGenError as exc:
                         error, after_send, final = exc, isinstance(exc, GatewayTimeoutError), False
                     else:
