@@ -10,12 +10,13 @@ from pydantic import SecretStr
 
 from mcp_imagegen.checks import prepare
 from mcp_imagegen.config import EndpointConfig
-from mcp_imagegen.dialects import encode
+from mcp_imagegen.dialects import WireRequest, encode
+from mcp_imagegen.errors import RateLimitedError
 from mcp_imagegen.gateway import GatewayClient
-from mcp_imagegen.manifests import load_manifest
+from mcp_imagegen.manifests import Manifest, load_manifest
 from mcp_imagegen.models import ImageRequest
 from mcp_imagegen.pacing import MOST, START, AdaptiveLimit, Permit
-from tests.emulators import Emulator
+from tests.emulators import Emulator, Fault
 
 KEY = "sk-test-pacing-0001"
 
@@ -194,19 +195,30 @@ async def test_waiters_are_served_in_arrival_order_and_a_cancelled_one_leaves_th
 # --- against a gateway that takes four at a time -----------------------------------------------
 
 
+def _wire(manifest: Manifest) -> WireRequest:
+    spec = manifest.model(manifest.default_model or "")
+    assert spec is not None
+    request = ImageRequest("generate", "a lighthouse")
+    prepared = prepare(request, manifest, spec)
+    return encode(manifest, prepared, request, prepared.batches[0], images=[], mask=None, lineage=[])
+
+
+def _endpoint(emu: Emulator, max_concurrency: int | None = None) -> EndpointConfig:
+    endpoint = EndpointConfig(
+        name="limited", provider="modelmax", base_url=emu.base_url, timeout_s=120, max_concurrency=max_concurrency
+    )
+    endpoint.api_key = SecretStr(KEY)
+    return endpoint
+
+
 async def test_a_rate_limited_gateway_gets_fewer_requests_at_once_and_every_call_succeeds(
     emulator: object,
 ) -> None:
     emu: Emulator = emulator("modelmax", api_key=KEY, latency_s=1.0)  # type: ignore[operator]
     emu.capacity, emu.capacity_retry_after = 4, 1.0
     manifest = load_manifest("modelmax")
-    spec = manifest.model(manifest.default_model or "")
-    assert spec is not None
-    request = ImageRequest("generate", "a lighthouse")
-    prepared = prepare(request, manifest, spec)
-    wire = encode(manifest, prepared, request, prepared.batches[0], images=[], mask=None, lineage=[])
-    endpoint = EndpointConfig(name="limited", provider="modelmax", base_url=emu.base_url, timeout_s=120)
-    endpoint.api_key = SecretStr(KEY)
+    wire = _wire(manifest)
+    endpoint = _endpoint(emu)
 
     async def batch(gw: GatewayClient, calls: int) -> int:
         done: list[int] = []
@@ -230,3 +242,15 @@ async def test_a_rate_limited_gateway_gets_fewer_requests_at_once_and_every_call
     assert learnt < 16
     assert emu.max_in_flight < 16  # the second batch never had all sixteen at the gateway at once
     assert emu.rejected < first_429s
+
+
+async def test_a_429_at_a_limit_that_cannot_drop_uses_up_max_retries(emulator: object) -> None:
+    emu: Emulator = emulator("modelmax", api_key=KEY)  # type: ignore[operator]
+    emu.inject(Fault.rate_limit(retry_after=0), times=None)
+    manifest = load_manifest("modelmax")
+    endpoint = _endpoint(emu, max_concurrency=1)
+    async with GatewayClient(max_retries=2) as gw:
+        with pytest.raises(RateLimitedError):
+            await gw.send(endpoint, manifest, _wire(manifest))
+    assert len(emu.requests_to("/images/")) == 3  # the first and max_retries more: no free retries at 1
+    assert gw.pacing(endpoint).limit == 1
