@@ -62,7 +62,7 @@ class AdaptiveLimit:
         self.round = 0
         self.paused_until = -math.inf
         self._clock = clock
-        self._queue: deque[object] = deque()
+        self._queue: deque[anyio.Event] = deque()
         self._changed: anyio.Event | None = None  # made on first wait: it needs a running loop
 
     def __repr__(self) -> str:
@@ -85,7 +85,6 @@ class AdaptiveLimit:
 
     def release(self, permit: Permit) -> None:
         """The request is no longer in flight (its answer was read, or it failed or was dropped)."""
-        del permit
         self.in_flight -= 1
         self._notify()
 
@@ -109,26 +108,25 @@ class AdaptiveLimit:
     # --- waiting --------------------------------------------------------------------------------
 
     async def acquire(self) -> Permit:
-        """Wait for a place in flight, in arrival order."""
-        ticket = object()
-        self._queue.append(ticket)
+        """Wait for a place in flight, in arrival order. Only the first in line watches the
+        limit, so a long queue is not woken at every answer."""
+        turn = anyio.Event()  # set once this request is first in line
+        self._queue.append(turn)
+        if self._queue[0] is turn:
+            turn.set()
         try:
-            while True:
-                if self._queue[0] is ticket:
-                    permit = self.try_acquire()
-                    if permit is not None:
-                        self._queue.popleft()
-                        self._notify()  # the next in line may fit too
-                        return permit
+            await turn.wait()
+            while (permit := self.try_acquire()) is None:
                 changed = self._changed = self._changed or anyio.Event()
-                pause = self.pause_left() if self._queue[0] is ticket else 0.0
+                pause = self.pause_left()
                 with anyio.move_on_after(pause if pause > 0 else None):
                     await changed.wait()
-        except BaseException:
-            if ticket in self._queue:
-                self._queue.remove(ticket)
-                self._notify()
-            raise
+            return permit
+        finally:
+            first = self._queue[0] is turn
+            self._queue.remove(turn)
+            if first and self._queue:
+                self._queue[0].set()  # the next in line may fit too
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, None

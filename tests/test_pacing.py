@@ -192,6 +192,14 @@ async def test_waiters_are_served_in_arrival_order_and_a_cancelled_one_leaves_th
     assert limit.in_flight == 0
 
 
+async def test_a_waiter_held_by_a_pause_goes_when_it_ends_with_nothing_else_happening() -> None:
+    limit = AdaptiveLimit()
+    answer(limit, take(limit, 1)[0], "slow_down", retry_after_s=0.2)
+    with anyio.fail_after(30):  # nothing is released or answered: only the pause's end wakes it
+        permit = await limit.acquire()
+    assert limit.in_flight == 1 and permit.in_flight == 1
+
+
 # --- against a gateway that takes four at a time -----------------------------------------------
 
 
