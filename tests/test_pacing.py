@@ -262,3 +262,25 @@ async def test_a_429_at_a_limit_that_cannot_drop_uses_up_max_retries(emulator: o
             await gw.send(endpoint, manifest, _wire(manifest))
     assert len(emu.requests_to("/images/")) == 3  # the first and max_retries more: no free retries at 1
     assert gw.pacing(endpoint).limit == 1
+
+
+async def test_time_queued_before_the_first_send_is_not_part_of_timeout_s(emulator: object) -> None:
+    emu: Emulator = emulator("modelmax", api_key=KEY)  # type: ignore[operator]
+    emu.inject(Fault.delay(1.5))  # the first request holds the only place for longer than B's timeout_s
+    manifest = load_manifest("modelmax")
+    wire = _wire(manifest)
+    patient, hurried = _endpoint(emu, max_concurrency=1), _endpoint(emu, max_concurrency=1)
+    patient.timeout_s, hurried.timeout_s = 60, 1.0
+    results: list[int] = []
+    async with GatewayClient() as gw, anyio.create_task_group() as tg:
+
+        async def send(endpoint: EndpointConfig) -> None:
+            results.append(len((await gw.send(endpoint, manifest, wire)).images))
+
+        tg.start_soon(send, patient)
+        with anyio.fail_after(30):
+            while emu.in_flight < 1:  # the first request is at the gateway
+                await anyio.sleep(0.01)
+        tg.start_soon(send, hurried)  # queued behind it, then answered at once
+    assert results == [1, 1]
+    assert emu.max_in_flight == 1
