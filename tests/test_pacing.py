@@ -8,15 +8,14 @@ import pytest
 from anyio import wait_all_tasks_blocked
 from pydantic import SecretStr
 
-from mcp_imagegen.checks import prepare
 from mcp_imagegen.config import EndpointConfig
-from mcp_imagegen.dialects import WireRequest, encode
+from mcp_imagegen.dialects import WireRequest
 from mcp_imagegen.errors import RateLimitedError
 from mcp_imagegen.gateway import GatewayClient
 from mcp_imagegen.manifests import Manifest, load_manifest
-from mcp_imagegen.models import ImageRequest
 from mcp_imagegen.pacing import MOST, START, AdaptiveLimit, Permit
 from tests.emulators import Emulator, Fault
+from tests.emulators.modelmax import IMAGE_MODELS as MODELMAX_MODELS
 
 KEY = "sk-test-pacing-0001"
 
@@ -204,11 +203,11 @@ async def test_a_waiter_held_by_a_pause_goes_when_it_ends_with_nothing_else_happ
 
 
 def _wire(manifest: Manifest) -> WireRequest:
-    spec = manifest.model(manifest.default_model or "")
-    assert spec is not None
-    request = ImageRequest("generate", "a lighthouse")
-    prepared = prepare(request, manifest, spec)
-    return encode(manifest, prepared, request, prepared.batches[0], images=[], mask=None, lineage=[])
+    """A plain generation request for a model the emulator serves (pacing is not about models)."""
+    assert manifest.id == "modelmax"
+    model, rules = next(iter(MODELMAX_MODELS.items()))
+    body = {"model": model, "prompt": "a lighthouse", "n": 1, "size": rules["sizes"][0]}
+    return WireRequest("POST", "/images/generations", json=body)
 
 
 def _endpoint(emu: Emulator, max_concurrency: int | None = None) -> EndpointConfig:
