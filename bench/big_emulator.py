@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         max_recorded=16,
+        serve_retired=True,  # gpt-image-1's id, made to take big sizes: a stand-in, not a model claim
     )
 
     def ready(e: Emulator) -> None:

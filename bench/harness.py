@@ -41,7 +41,7 @@ BENCH_DIR = REPO_ROOT / "bench"
 PYTHON = sys.executable
 HOST = "127.0.0.1"
 
-MODEL = "gpt-image-1"
+MODEL = "gpt-image-2"  # a live model: the benchmark measures the server, not the model world
 SIZE = "1024x1024"
 PROMPT = "a lighthouse on a cliff at dusk, benchmark run"
 KEY_ENV = "BENCH_KEY"
@@ -433,25 +433,31 @@ class EmulatorPool:
 def start_emulator(
     kind: ImageKind, latency_s: float, api_key: str, workdir: Path, *, big: bool = False, timeout: float = 45.0
 ) -> EmulatorProc:
+    program = ["bench.big_emulator"] if big else ["tests.emulators", "openai"]
     port = free_port()
     log = workdir / f"emulator-{kind}-{latency_s:g}-{port}.log"
-    # The benchmark measures the server, not the model world: keep gpt-image-1 served.
-    program = ["bench.big_emulator"] if big else ["tests.emulators", "openai", "--serve-retired"]
-    args = [
-        PYTHON,
-        "-m",
-        *program,
-        "--port",
-        str(port),
-        "--latency",
-        f"{latency_s:g}",
-        "--image",
-        kind,
-        "--api-key",
-        api_key,
-    ]
+    options = ["--latency", f"{latency_s:g}", "--image", kind, "--api-key", api_key]
+    proc, base_url = _spawn_emulator([*program, "--port", str(port), *options], log, timeout)
+    return EmulatorProc(kind, latency_s, big, proc, base_url, log)
+
+
+def start_limited_emulator(
+    capacity: int, retry_after_s: float, latency_s: float, api_key: str, workdir: Path, timeout: float = 45.0
+) -> EmulatorProc:
+    """`bench/limited_emulator.py`: serves `capacity` requests at once, 429 + Retry-After beyond."""
+    port = free_port()
+    log = workdir / f"emulator-limited-{capacity}-{port}.log"
+    args = ["bench.limited_emulator", "--port", str(port), "--capacity", str(capacity)]
+    args += ["--retry-after", f"{retry_after_s:g}", "--latency", f"{latency_s:g}", "--api-key", api_key]
+    proc, base_url = _spawn_emulator(args, log, timeout)
+    return EmulatorProc("flat", latency_s, False, proc, base_url, log)
+
+
+def _spawn_emulator(args: list[str], log: Path, timeout: float) -> tuple[subprocess.Popen[str], str]:
     with open(log, "w") as errfile:
-        proc = REGISTRY.spawn(args, cwd=REPO_ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=errfile)
+        proc = REGISTRY.spawn(
+            [PYTHON, "-m", *args], cwd=REPO_ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=errfile
+        )
     assert proc.stdout is not None
     reader = LineReader(proc.stdout)
     try:
@@ -459,8 +465,7 @@ def start_emulator(
     except (TimeoutError, RuntimeError) as exc:
         REGISTRY.kill(proc)
         raise RuntimeError(f"emulator did not start: {exc}\n{tail(log)}") from None
-    base_url = line.split(maxsplit=1)[1].strip().rstrip("/")
-    return EmulatorProc(kind, latency_s, big, proc, base_url, log)
+    return proc, line.split(maxsplit=1)[1].strip().rstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,10 +474,12 @@ def start_emulator(
 
 @dataclass(frozen=True)
 class EndpointSpec:
+    """One endpoint of a benchmark configuration: only what a user must write (name, provider,
+    base URL, key variable). Every other setting stays at its default, as a user gets it."""
+
     name: str
     base_url: str
     provider: str = "openai"
-    max_concurrency: int = 64
     models: tuple[str, ...] | None = None
 
 
@@ -489,7 +496,6 @@ def write_config(path: Path, output_dir: Path, endpoints: Iterable[EndpointSpec]
             f"provider = {_toml_str(ep.provider)}",
             f"base_url = {_toml_str(ep.base_url)}",
             f"api_key_env = {_toml_str(KEY_ENV)}",
-            f"max_concurrency = {ep.max_concurrency}",
         ]
         if ep.models is not None:
             lines.append("models = [" + ", ".join(_toml_str(m) for m in ep.models) + "]")
@@ -563,12 +569,14 @@ class HttpServer:
 
 
 def start_http_server(
-    config: Path, api_key: str, workdir: Path, timeout: float = 45.0, log_level: str | None = None
+    config: Path, api_key: str, workdir: Path, timeout: float = 45.0, watchdog: bool = False
 ) -> HttpServer:
+    """The server over streamable HTTP at its default settings; `watchdog` turns on its event-loop
+    watchdog alone (`bench/watched_server.py`), not DEBUG logging."""
     port = free_port()
-    args = [PYTHON, "-m", "mcp_imagegen", "serve", "--transport", "http", "--host", HOST, "--port", str(port)]
-    env = {**server_env(config, api_key, full=True), **({"MCP_IMAGEGEN_LOG_LEVEL": log_level} if log_level else {})}
-    return _start_http(args, env, port, workdir / f"server-http-{port}.log", timeout)
+    program = "bench.watched_server" if watchdog else "mcp_imagegen"
+    args = [PYTHON, "-m", program, "serve", "--transport", "http", "--host", HOST, "--port", str(port)]
+    return _start_http(args, server_env(config, api_key, full=True), port, workdir / f"server-http-{port}.log", timeout)
 
 
 def start_bare_http_server(

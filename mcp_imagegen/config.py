@@ -42,8 +42,20 @@ class EndpointConfig(BaseModel):
     base_url: str | None = Field(default=None, description="Optional for known providers.")
     api_key_env: str | None = Field(default=None, description="Environment variable that holds the key.")
     models: list[str] | None = Field(default=None, description="Allowlist of model ids on this endpoint.")
-    timeout_s: float = Field(default=180.0, gt=0, description="Total time one gateway call may take.")
-    max_concurrency: int = Field(default=4, ge=1, le=256, description="Gateway calls in flight at once.")
+    timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="Total time of one gateway call from its first request sent, retries and their waits included.",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description=(
+            "Hard ceiling on gateway calls in flight at once. Unset: adapts to the gateway, starting at 64, "
+            "halving on 429/503 and waiting out Retry-After, growing while answers come back, at most 256."
+        ),
+    )
     priority: int = Field(default=0, description="Higher is tried first when several endpoints serve a model.")
     model_overrides: dict[str, ModelSpec] = Field(
         default_factory=dict,

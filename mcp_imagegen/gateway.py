@@ -1,17 +1,19 @@
-"""The HTTP client every gateway call goes through: auth, timeouts, retries, limits, error mapping.
+"""The HTTP client every gateway call goes through: auth, timeouts, retries, pacing, error mapping.
 
 One `httpx2.AsyncClient` (HTTP/1.1 keep-alive) serves all endpoints; each endpoint has its own
-`CapacityLimiter` so a slow gateway cannot starve the others. Retry policy (DESIGN §5):
+`AdaptiveLimit` (pacing.py) so a slow gateway cannot starve the others, a fast one is not held
+back and a rate-limiting one is not hammered. Retry policy (DESIGN §5):
 
 - retried: 408, 409, 429 and 5xx answers, connection failures, and errors a 2xx body reports with
   such a status; never 400/401/402/403/404/413/422 nor a 429 that says the quota is used up;
 - at most `max_retries` retries per call; a timeout after the request was sent (the gateway may be
   generating, and an image costs money) is retried at most once, and never once the answer's
-  headers have arrived;
+  headers have arrived; a 429 or 503 to a request sent above the limit the endpoint has since
+  backed off to is not counted: the request waits its turn under the lower limit;
 - waits honour `retry-after-ms` / `Retry-After` (seconds or HTTP date) up to `max_wait_s`; a
   longer ask fails at once with the time to retry; otherwise exponential backoff with jitter;
-- each attempt has a deadline of the endpoint's `timeout_s` (connect 10 s; read, write and pool
-  `timeout_s`), and a call never starts a new attempt after 2 x `timeout_s` in total.
+- `timeout_s` is the whole call: from its first request being sent to its last answer, retries
+  and waits included (connect at most 10 s). Time queued before the first send is not counted.
 
 The API key is only ever put into a request header: no message, log line or repr carries it.
 """
@@ -24,14 +26,14 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 import anyio
 import httpx2
 
-from . import b64, dialects
+from . import b64, dialects, pacing
 from .config import EndpointConfig
 from .errors import (
     AuthenticationError,
@@ -137,13 +139,13 @@ class GatewayClient:
         self.fetch_timeout_s = fetch_timeout_s
         self._transport = transport
         self._client: httpx2.AsyncClient | None = None
-        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._limits: dict[str, pacing.AdaptiveLimit] = {}
 
     def __repr__(self) -> str:
-        return f"GatewayClient(max_retries={self.max_retries}, endpoints={sorted(self._limiters)})"
+        return f"GatewayClient(max_retries={self.max_retries}, endpoints={sorted(self._limits)})"
 
     async def __aenter__(self) -> Self:
-        # Many tool calls at once, each fanning out; the per-endpoint limiters do the real capping.
+        # Many tool calls at once, each fanning out; the per-endpoint limits do the real capping.
         limits = httpx2.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
         transport = self._transport or gateway_transport(limits)
         self._client = httpx2.AsyncClient(
@@ -172,13 +174,13 @@ class GatewayClient:
             raise RuntimeError("GatewayClient is not open; use 'async with GatewayClient() as gw'")
         return self._client
 
-    def _limiter(self, endpoint: EndpointConfig) -> anyio.CapacityLimiter:
-        limiter = self._limiters.get(endpoint.name)
-        if limiter is None:
-            limiter = self._limiters[endpoint.name] = anyio.CapacityLimiter(endpoint.max_concurrency)
-        elif limiter.total_tokens != endpoint.max_concurrency:
-            limiter.total_tokens = endpoint.max_concurrency
-        return limiter
+    def pacing(self, endpoint: EndpointConfig) -> pacing.AdaptiveLimit:
+        """The endpoint's in-flight limit (made anew if its ceiling was reconfigured)."""
+        limit = self._limits.get(endpoint.name)
+        ceiling = endpoint.max_concurrency if endpoint.max_concurrency is not None else pacing.MOST
+        if limit is None or limit.ceiling != ceiling:
+            limit = self._limits[endpoint.name] = pacing.AdaptiveLimit(endpoint.max_concurrency)
+        return limit
 
     @staticmethod
     def _base_url(endpoint: EndpointConfig, manifest: Manifest) -> str:
@@ -231,6 +233,7 @@ class GatewayClient:
         deadline_s: float,
         endpoint_name: str,
         target: str,
+        total_s: float | None = None,
         json: Any = None,
         data: Mapping[str, str] | None = None,
         files: Any = None,
@@ -242,6 +245,7 @@ class GatewayClient:
             connect=min(self.connect_timeout_s, timeout_s), read=timeout_s, write=timeout_s, pool=timeout_s
         )
         where = safe_url(url)
+        within = _whole_seconds(deadline_s if total_s is None else total_s)
         got_headers = False
         try:
             with anyio.fail_after(deadline_s):
@@ -275,7 +279,7 @@ class GatewayClient:
         except TimeoutError:
             raise _Failure(
                 GatewayTimeoutError(
-                    f"endpoint {endpoint_name!r} did not finish answering within {deadline_s:g} s",
+                    f"endpoint {endpoint_name!r} did not finish answering within {within}",
                     endpoint=endpoint_name,
                 ),
                 after_send=True,
@@ -291,13 +295,13 @@ class GatewayClient:
             ) from None
         except httpx2.PoolTimeout:
             raise _Failure(
-                GatewayTimeoutError(f"no free connection to {target} within {timeout_s:g} s", endpoint=endpoint_name)
+                GatewayTimeoutError(f"no free connection to {target} within {within}", endpoint=endpoint_name)
             ) from None
         except httpx2.TimeoutException as exc:
-            what = "sending the request" if isinstance(exc, httpx2.WriteTimeout) else "waiting for the answer"
+            what = "sending the request" if isinstance(exc, httpx2.WriteTimeout) else "answering"
             raise _Failure(
                 GatewayTimeoutError(
-                    f"endpoint {endpoint_name!r} timed out {what} (no data for {timeout_s:g} s)", endpoint=endpoint_name
+                    f"endpoint {endpoint_name!r} did not finish {what} within {within}", endpoint=endpoint_name
                 ),
                 after_send=True,
                 final=got_headers,
@@ -340,57 +344,83 @@ class GatewayClient:
         on_send: Callable[[], None] | None = None,
     ) -> T:
         timeout_s = endpoint.timeout_s
-        budget_s = 2 * timeout_s
+        limit = self.pacing(endpoint)
         started = time.monotonic()
-        retries = 0
+        first_sent: float | None = None  # timeout_s runs from here
+        retries = 0  # counted against max_retries
+        resent = 0
         repeated_sent = False
         status: int | None = None
         nbytes = 0
         outcome = "ok"
-        limiter = self._limiter(endpoint)
         try:
             while True:
-                elapsed = time.monotonic() - started
+                permit = await limit.acquire()
+                now = time.monotonic()
+                first_sent = now if first_sent is None else first_sent
+                left = timeout_s - (now - first_sent)
+                answer: _Answer | None = None
                 try:
-                    async with limiter:
-                        if on_send is not None:  # the request leaves now: the caller stops cancelling it
-                            on_send()
-                        answer = await self._attempt(
-                            method,
-                            url,
-                            headers=headers,
-                            timeout_s=timeout_s,
-                            deadline_s=max(0.05, min(timeout_s, budget_s - elapsed)),
-                            endpoint_name=endpoint.name,
-                            target=target,
-                            json=json,
-                            data=data,
-                            files=files,
-                        )
+                    if left <= 0:
+                        raise _Failure(_out_of_time(endpoint.name, timeout_s))
+                    if on_send is not None:  # the request leaves now: the caller stops cancelling it
+                        on_send()
+                    answer = await self._attempt(
+                        method,
+                        url,
+                        headers=headers,
+                        timeout_s=left,
+                        deadline_s=left,
+                        total_s=timeout_s,
+                        endpoint_name=endpoint.name,
+                        target=target,
+                        json=json,
+                        data=data,
+                        files=files,
+                    )
                     status, nbytes = answer.status, answer.size
-                    # Parsing megabytes of JSON (base64 images) would stall the event loop.
-                    result = await in_worker_unless_small(lambda answer=answer: handle(answer), nbytes)
-                    outcome = "ok"
-                    return result
                 except _Failure as failure:
                     error, after_send, final = failure.error, failure.after_send, failure.final
-                except ImageGenError as exc:
-                    error, after_send, final = exc, isinstance(exc, GatewayTimeoutError), False
+                finally:
+                    limit.release(permit)
+                if answer is not None:
+                    try:
+                        # Parsing megabytes of JSON (base64 images) would stall the event loop.
+                        result = await in_worker_unless_small(partial(handle, answer), nbytes)
+                    except ImageGenError as exc:
+                        error, after_send, final = exc, isinstance(exc, GatewayTimeoutError), False
+                    else:
+                        limit.observe(permit, "ok")
+                        outcome = "ok"
+                        return result
                 _scrub(error, secret)
                 outcome = error.kind
-                if final or not error.retryable or retries >= self.max_retries or (after_send and repeated_sent):
+                slow_down = error.retryable and error.status in (429, 503)
+                overreached = limit.observe(
+                    permit,
+                    "slow_down" if slow_down else "other",
+                    min(error.retry_after_s, self.max_wait_s) if slow_down and error.retry_after_s else None,
+                )
+                counted = not (slow_down and overreached)
+                if final or not error.retryable or (after_send and repeated_sent):
+                    raise error
+                if counted and retries >= self.max_retries:
                     raise error
                 wait = error.retry_after_s
                 if wait is not None and wait > self.max_wait_s:
                     raise _too_long(error, wait, endpoint.name)
                 if wait is None:
                     wait = self._backoff(retries)
-                if time.monotonic() - started + wait >= budget_s:
+                if time.monotonic() - first_sent + wait >= timeout_s:
                     raise error
-                retries += 1
+                retries += counted
+                resent += 1
                 repeated_sent = repeated_sent or after_send
                 reason = f"HTTP {error.status}" if error.status else error.kind.replace("_", " ")
-                note = f"{reason}; retry {retries} of {self.max_retries} in {wait:.1f} s"
+                if counted:
+                    note = f"{reason}; retry {retries} of {self.max_retries} in {wait:.1f} s"
+                else:
+                    note = f"{reason}; {int(limit.limit)} at a time from now on; sent again in {wait:.1f} s"
                 log.debug("retrying", extra={"fields": {"endpoint": endpoint.name, "why": note}})
                 if on_retry is not None:
                     on_retry(note)
@@ -412,7 +442,7 @@ class GatewayClient:
                         "status": status if status is not None else "-",
                         "ms": round((time.monotonic() - started) * 1000),
                         "bytes": nbytes,
-                        "retries": retries,
+                        "retries": resent,
                         "outcome": outcome,
                     }
                 },
@@ -576,6 +606,17 @@ class GatewayClient:
                     }
                 },
             )
+
+
+def _whole_seconds(seconds: float) -> str:
+    return f"{max(1, round(seconds))} s"
+
+
+def _out_of_time(endpoint_name: str, timeout_s: float) -> GatewayTimeoutError:
+    return GatewayTimeoutError(
+        f"endpoint {endpoint_name!r} did not finish answering within {_whole_seconds(timeout_s)}",
+        endpoint=endpoint_name,
+    )
 
 
 def _secret(endpoint: EndpointConfig) -> str | None:

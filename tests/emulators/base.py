@@ -368,6 +368,12 @@ class Emulator:
         self.max_in_flight = 0  # highest number of concurrent requests seen (for client-limit tests)
         self._open = threading.Event()  # cleared by hold(): gateway answers wait for release()
         self._open.set()
+        # A gateway that takes `capacity` image requests at once and answers 429 with Retry-After
+        # `capacity_retry_after` to any beyond (None: no such limit); `rejected` counts those 429s.
+        self.capacity: int | None = None
+        self.capacity_retry_after: float = 1.0
+        self.admitted = 0
+        self.rejected = 0
 
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -533,6 +539,7 @@ class Emulator:
             self._faults.clear()
             self._override = None
             self.max_in_flight = self.in_flight
+            self.rejected = 0
 
     def _take_fault(self, call: Call, kinds: frozenset[str]) -> Fault | None:
         with self._lock:
@@ -870,13 +877,22 @@ class _Endpoint:
         with emu._lock:
             emu.in_flight += 1
             emu.max_in_flight = max(emu.max_in_flight, emu.in_flight)
+            admitted = emu.capacity is None or not self.image_route or emu.admitted < emu.capacity
+            if admitted:
+                emu.admitted += 1
+            else:
+                emu.rejected += 1
         try:
-            response = await emu._run(Request(scope, receive), self.handler, self.image_route, send)
+            if admitted:
+                response = await emu._run(Request(scope, receive), self.handler, self.image_route, send)
+            else:
+                response = emu._to_response(emu._fault_reply(Fault.rate_limit(emu.capacity_retry_after)), None)
             if response is not None:
                 await response(scope, receive, send)
         finally:
             with emu._lock:
                 emu.in_flight -= 1
+                emu.admitted -= admitted
 
 
 async def _drip(body: bytes, seconds: float, chunks: int) -> AsyncIterator[bytes]:
