@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import pytest
 
 from mcp_imagegen.config import WELL_KNOWN_KEY_ENVS, Settings
@@ -27,6 +29,24 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("MCP_IMAGEGEN_OUTPUT_DIR", str(tmp_path / "out"))
+
+
+@pytest.fixture(autouse=True)
+def restored_logging() -> Iterator[None]:
+    """A test that runs the CLI in-process installs a handler on the stderr pytest captured and
+    closes afterwards; put logging back as it was, so no later log line meets a closed stream."""
+    root = logging.getLogger()
+    ours = logging.getLogger("mcp_imagegen")
+    handlers, root_level, our_level = list(root.handlers), root.level, ours.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(root_level)
+    ours.setLevel(our_level)
 
 
 def endpoint_for(emu: Emulator, name: str | None = None, **fields: Any) -> dict[str, Any]:
