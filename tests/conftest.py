@@ -83,3 +83,34 @@ def emulator() -> Iterator[Callable[..., Emulator]]:
     yield start
     for emu in started:
         emu.stop()
+
+
+class GatedSleep:
+    """A stand-in for `anyio.sleep` that returns only when the test opens its gate: code that waits
+    for time to pass is tested by deciding when the time is up, not by waiting for it."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[float, Any]] = []  # (seconds asked for, the anyio.Event to set)
+
+    async def __call__(self, seconds: float) -> None:
+        import anyio
+
+        gate = anyio.Event()
+        self.waiting.append((seconds, gate))
+        await gate.wait()
+
+    def open_all(self) -> int:
+        gates = [gate for _, gate in self.waiting if not gate.is_set()]
+        for gate in gates:
+            gate.set()
+        return len(gates)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Let other tasks run until `condition` holds (at least one pass through the event loop)."""
+    import anyio
+
+    with anyio.fail_after(timeout_s):
+        await anyio.sleep(0.01)
+        while not condition():
+            await anyio.sleep(0.01)

@@ -31,7 +31,7 @@ from mcp_imagegen.errors import (
 from mcp_imagegen.models import ImageRequest, InputImage
 from mcp_imagegen.service import ImageService
 from mcp_imagegen.work import DISK_THREADS
-from tests.conftest import SECRET_KEY, endpoint_for, make_settings
+from tests.conftest import SECRET_KEY, GatedSleep, endpoint_for, make_settings, wait_until
 from tests.emulators import Fault
 
 pytestmark = pytest.mark.anyio
@@ -485,17 +485,17 @@ async def test_finished_jobs_let_go_of_their_input_images(tmp_path: Path) -> Non
 async def test_freed_memory_is_handed_back_once_the_service_is_idle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trims: list[float] = []
-    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(time.monotonic()))  # a worker thread
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(1))  # a worker thread
     settings = make_settings(tmp_path, [{"name": "offline", "provider": "offline"}])
+    sleep = GatedSleep()
     async with ImageService(settings) as service:
-        service._idle_trim.idle_s = 0.2
+        service._idle_trim = heap.IdleTrim(idle_s=0.2, sleep=sleep)
         first = service.submit(ImageRequest(operation="generate", prompt="a red fox", size="64x64"))
         second = service.submit(ImageRequest(operation="generate", prompt="a blue fox", size="64x64"))
         assert await first.wait(30) is not None and await second.wait(30) is not None
-        done_at = time.monotonic()
-        await anyio.sleep(0.1)
-        assert trims == []  # not idle for long enough yet
-        await anyio.sleep(0.3)
-    assert len(trims) == 1
-    assert trims[0] - done_at >= 0.19
+        await wait_until(lambda: bool(sleep.waiting))
+        assert trims == []  # the idle time is not up yet
+        sleep.open_all()
+        await wait_until(lambda: bool(trims))
+    assert trims == [1]

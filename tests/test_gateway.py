@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -394,21 +393,19 @@ async def test_429_with_retry_after_then_success(emus: dict[str, Emulator]) -> N
     emu = emus["openai"]
     emu.inject(Fault.rate_limit(retry_after=None, retry_after_ms=200))
     notes: list[str] = []
-    started = time.monotonic()
     async with client() as gw:
         _, blobs = await call(gw, "openai", emu, gen(), on_retry=notes.append)
-    assert time.monotonic() - started >= 0.2
     assert len(emu.requests_to("/images/")) == 2 and blobs
-    assert notes and "429" in notes[0]
+    assert notes == ["HTTP 429; retry 1 of 2 in 0.2 s"]  # waited what retry-after-ms asked
 
 
 async def test_429_retry_after_seconds_then_success(emus: dict[str, Emulator]) -> None:
     emu = emus["llm-vin"]
     emu.inject(Fault.rate_limit(retry_after=1))
-    started = time.monotonic()
+    notes: list[str] = []
     async with client() as gw:
-        await call(gw, "llm-vin", emu, gen())
-    assert time.monotonic() - started >= 0.95
+        await call(gw, "llm-vin", emu, gen(), on_retry=notes.append)
+    assert notes == ["HTTP 429; retry 1 of 2 in 1.0 s"]  # waited what Retry-After asked
     assert len(emu.requests_to("/images/")) == 2
 
 
@@ -531,14 +528,12 @@ async def test_read_timeout_retried_once_then_success(fresh: Any) -> None:
 async def test_read_timeout_retried_at_most_once(fresh: Any) -> None:
     emu = fresh("nano-gpt")
     emu.inject(Fault.delay(2.0), times=None)
-    started = time.monotonic()
     try:
         async with client(max_retries=3) as gw:
             with pytest.raises(GatewayTimeoutError) as e:
                 await call(gw, "nano-gpt", emu, gen(), timeout_s=0.4)
     finally:
         emu.clear_faults()
-    assert time.monotonic() - started < 1.5
     assert len(emu.requests_to("/images/")) == 2
     assert_clean(e.value)
 
@@ -546,11 +541,9 @@ async def test_read_timeout_retried_at_most_once(fresh: Any) -> None:
 async def test_drip_slower_than_deadline(emus: dict[str, Emulator]) -> None:
     emu = emus["openai"]
     emu.inject(Fault.drip(3.0, chunks=12))
-    started = time.monotonic()
     async with client() as gw:
         with pytest.raises(GatewayTimeoutError, match="within 0.8 s"):
             await call(gw, "openai", emu, gen(), timeout_s=0.8)
-    assert time.monotonic() - started < 1.6
     assert len(emu.requests_to("/images/")) == 1  # the answer had started: no second paid attempt
 
 
@@ -646,12 +639,14 @@ async def test_fetch_image_bounded_and_data_urls() -> None:
 
 async def test_cancellation_stops_the_request(fresh: Any) -> None:
     emu = fresh("openai")
-    emu.inject(Fault.delay(3.0))
-    started = time.monotonic()
+    emu.inject(Fault.delay(30))
     async with client() as gw:
         with anyio.move_on_after(0.3) as scope:
             await call(gw, "openai", emu, gen())
-    assert scope.cancelled_caught and time.monotonic() - started < 1.5
+    # The caller got control back while the gateway was still holding its answer.
+    assert scope.cancelled_caught
+    [request] = emu.requests_to("/images/")
+    assert request.status is None
 
 
 # --- secrets and logs ----------------------------------------------------------------------------
