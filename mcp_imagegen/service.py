@@ -12,16 +12,17 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
 from . import b64, checks
-from .catalog import ModelCatalog, Route
+from .catalog import ModelCatalog, Route, missing_key_error
 from .config import Settings
 from .errors import (
     BadGatewayResponseError,
@@ -152,10 +153,14 @@ class ImageService:
 
     # --- inputs --------------------------------------------------------------------------------
 
-    async def resolve_inputs(self, specs: list[str], mask: str | None) -> tuple[list[InputImage], InputImage | None]:
+    async def resolve_inputs(
+        self, specs: list[str], mask: str | None, *, readable: Sequence[Path] = ()
+    ) -> tuple[list[InputImage], InputImage | None]:
+        """Input images from what a caller gave; `readable` adds files that may be read wherever
+        they are (those a person named on the command line, not those an agent sent)."""
         from .inputs import allowed_roots_for, resolve_input
 
-        roots = allowed_roots_for(self.settings)
+        roots = [*allowed_roots_for(self.settings), *readable]
         resolved = []
         for i, spec in enumerate(specs):
             role = "image" if len(specs) == 1 else f"image {i + 1}"
@@ -294,6 +299,9 @@ class ImageService:
             endpoint=route.endpoint.name,
             endpoint_models=self._catalog.specs(route.endpoint),
         )
+        missing = missing_key_error(route.endpoint, route.manifest)
+        if missing is not None:
+            raise missing
         job.warnings.extend(prepared.warnings)
         total = sum(prepared.batches)
         await job._report(0, total, f"sending to {route.endpoint.name} ({route.model.id})")

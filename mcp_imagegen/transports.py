@@ -20,6 +20,7 @@ import copy
 import hmac
 import ipaddress
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -203,10 +204,22 @@ def uvicorn_log_config() -> dict[str, Any]:
     return config
 
 
-async def _serve_uvicorn(app: Starlette, host: str, port: int) -> None:
+async def _serve_uvicorn(app: Starlette, host: str, port: int, *, transport: str, path: str) -> None:
     import uvicorn
 
-    await uvicorn.Server(uvicorn_config(app, host, port)).serve()
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                # The person who started the server needs to know where it listens (the port
+                # may have been 0), whatever the log level; stderr never carries protocol.
+                bound = [s.getsockname()[1] for server in self.servers for s in server.sockets]
+                shown = f"[{host}]" if ":" in host else host
+                url = f"http://{shown}:{bound[0] if bound else port}{path}"
+                print(f"mcp-imagegen: serving MCP ({transport}) at {url}; press Ctrl+C to stop", file=sys.stderr)
+                sys.stderr.flush()
+
+    await _Server(uvicorn_config(app, host, port)).serve()
 
 
 def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
@@ -255,8 +268,7 @@ async def serve_http(
         stateless=stateless,
         allow_unauthenticated=allow_unauthenticated,
     )
-    log.info("serving streamable HTTP on http://%s:%d%s", host, port, MCP_PATH)
-    await _serve_uvicorn(app, host, port)
+    await _serve_uvicorn(app, host, port, transport="streamable HTTP", path=MCP_PATH)
 
 
 async def serve_sse(
@@ -268,8 +280,7 @@ async def serve_sse(
     allow_unauthenticated: bool = False,
 ) -> None:
     app = sse_app(settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated)
-    log.info("serving legacy SSE on http://%s:%d%s", host, port, SSE_PATH)
-    await _serve_uvicorn(app, host, port)
+    await _serve_uvicorn(app, host, port, transport="legacy SSE", path=SSE_PATH)
 
 
 def _run(main: Any, *args: Any, **kwargs: Any) -> None:
