@@ -13,6 +13,7 @@ the `Context` parameter, at registration.)
 """
 
 import functools
+import inspect
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult, EmptyResult, SetLevelRequestParams, ToolAnnotations
 from mcp_types import Resource as MCPResource
 from mcp_types import ResourceTemplate as MCPResourceTemplate
 from pydantic import AnyUrl, Field, ValidationError
@@ -667,11 +668,16 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         models, warnings = await holder.get().list_models(capability=capability, endpoint=endpoint, refresh=refresh)
         return results.models_result(models, warnings)
 
+    def tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> _Tool:
+        # The docstring without its source indentation is what an agent reads.
+        description = inspect.cleandoc(fn.__doc__ or "")
+        return _Tool.from_function(fn, title=title, description=description, annotations=annotations)
+
     tools = [
-        _Tool.from_function(generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS),
-        _Tool.from_function(edit_image, title="Edit images", annotations=EDIT_ANNOTATIONS),
-        _Tool.from_function(get_image, title="Get a generation's images", annotations=GET_ANNOTATIONS),
-        _Tool.from_function(list_models, title="List image models", annotations=LIST_ANNOTATIONS),
+        tool(generate_image, "Generate images", GENERATE_ANNOTATIONS),
+        tool(edit_image, "Edit images", EDIT_ANNOTATIONS),
+        tool(get_image, "Get a generation's images", GET_ANNOTATIONS),
+        tool(list_models, "List image models", LIST_ANNOTATIONS),
     ]
     server = ImageGenServer(
         holder,
@@ -709,4 +715,47 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
 
         return json.dumps({"images": [r.model_dump(mode="json", exclude={"parameters"}) for r in records]}, indent=1)
 
+    _serve_logging_level(server)
+    _drop_prompts(server)
     return server
+
+
+# MCP's eight levels onto Python's: `notice` ("normal but significant") is shown from WARNING.
+_MCP_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "alert": logging.CRITICAL,
+    "emergency": logging.CRITICAL,
+}
+
+
+def _serve_logging_level(server: MCPServer) -> None:
+    """`logging/setLevel` sets how much the server logs (on stderr: on stdio, stdout is the protocol's).
+
+    Served so that clients and the conformance suite that send it get `{}` rather than "method not
+    found"; the server's logs stay on stderr, where they are kept and grepped. The method exists
+    through protocol 2025-11-25 (it is deprecated after), so a 2026 session never sees it.
+    """
+    ours = logging.getLogger("mcp_imagegen")
+
+    async def set_level(_ctx: Any, params: SetLevelRequestParams) -> EmptyResult:
+        ours.setLevel(_MCP_LEVELS[params.level])
+        log.info("log level set by the client", extra={"fields": {"level": params.level}})
+        return EmptyResult()
+
+    # The SDK's high-level server has no parameter for it; the low-level server advertises the
+    # `logging` capability once the handler is there.
+    server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
+
+def _drop_prompts(server: MCPServer) -> None:
+    """No `prompts` capability: this server has no prompts, and an empty list advertised invites
+    clients to ask (an unknown name then answered with error code 0). Without the handlers, the
+    capability is not advertised and prompts/* answer "method not found"."""
+    handlers = server._lowlevel_server._request_handlers  # the SDK registers them unconditionally
+    for method in ("prompts/list", "prompts/get"):
+        handlers.pop(method, None)

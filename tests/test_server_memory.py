@@ -624,3 +624,64 @@ async def test_cancelling_a_call_keeps_the_images_already_received(
         assert [i["id"] for i in got.structured_content["images"]] == [image["id"]]
         assert "cancel" in texts(got)
     assert len(emu.requests_to("/images/generations")) == 2
+
+
+# --- protocol details ----------------------------------------------------------------------------
+
+
+async def test_tool_descriptions_carry_no_source_indentation(tmp_path: Path, mode: str) -> None:
+    async with connect(offline_settings(tmp_path), mode) as client:
+        tools = await tool_schemas(client)
+    for name, tool in tools.items():
+        assert tool.description, name
+        lines = tool.description.splitlines()
+        assert all(not line.startswith(" ") for line in lines), f"{name}: {tool.description!r}"
+        assert tool.description == tool.description.strip()
+    assert "\n\nReturns each image" in tools["generate_image"].description  # paragraphs are kept
+
+
+async def test_no_prompts_capability_and_prompt_requests_are_unknown_methods(tmp_path: Path, mode: str) -> None:
+    async with connect(offline_settings(tmp_path), mode) as client:
+        assert client.server_capabilities.prompts is None
+        for call in (client.list_prompts(), client.get_prompt("anything")):
+            with pytest.raises(MCPError) as caught:
+                await call
+            assert caught.value.error.code == -32601  # method not found, not code 0
+
+
+async def test_logging_capability_and_set_level_change_the_servers_log_level(tmp_path: Path, mode: str) -> None:
+    import logging
+    import warnings
+
+    ours = logging.getLogger("mcp_imagegen")
+    async with connect(offline_settings(tmp_path), mode) as client:
+        assert client.server_capabilities.logging is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the SDK marks logging/setLevel deprecated after 2025-11-25
+            if mode == "legacy":
+                await client.set_logging_level("debug")
+                assert ours.getEffectiveLevel() == logging.DEBUG
+                await client.set_logging_level("error")
+                assert ours.getEffectiveLevel() == logging.ERROR
+            else:
+                # 2026-07-28 has no logging/setLevel: logs are opted into per request instead.
+                with pytest.raises(MCPError) as caught:
+                    await client.set_logging_level("debug")
+                assert caught.value.error.code == -32601
+        # The server works on after it.
+        await ok(client, "generate_image", {"prompt": "still here", "size": "32x32"})
+
+
+async def test_tools_send_nothing_to_an_endpoint_whose_key_is_missing(
+    tmp_path: Path, emu: OpenAIEmulator, mode: str
+) -> None:
+    keyless = EndpointConfig(name="oa", provider="openai", base_url=emu.base_url)  # OPENAI_API_KEY unset
+    settings = offline_settings(tmp_path, endpoints=[keyless])
+    async with connect(settings, mode) as client:
+        text = await error_text(client, "generate_image", {"prompt": "a fox"})
+        assert "OPENAI_API_KEY" in text and "nothing was sent" in text
+        text = await error_text(client, "generate_image", {"prompt": "a fox", "model": "gpt-image-1"})
+        assert "OPENAI_API_KEY" in text
+        listed = await ok(client, "list_models", {"refresh": True})
+        assert any("OPENAI_API_KEY" in w for w in listed.structured_content["warnings"])
+    assert emu.requests == []
