@@ -26,7 +26,7 @@ from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, EmptyResult, SetLevelRequestParams, ToolAnnotations
+from mcp_types import CallToolResult, ToolAnnotations
 from mcp_types import Resource as MCPResource
 from mcp_types import ResourceTemplate as MCPResourceTemplate
 from pydantic import AnyUrl, Field, ValidationError
@@ -280,7 +280,12 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
 
 
 class _Tool(Tool):
-    """A tool whose argument errors name each bad argument and say what to change."""
+    """A tool whose argument errors name each bad argument and say what to change, and whose
+    description is its docstring without the source's indentation (what an agent reads)."""
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], *args: Any, description: str | None = None, **kwargs: Any) -> Any:
+        return super().from_function(fn, *args, description=description or inspect.cleandoc(fn.__doc__ or ""), **kwargs)
 
     async def run(self, arguments: dict[str, Any], context: Any, convert_result: bool = False) -> Any:
         fields = self.fn_metadata.arg_model.model_fields
@@ -668,16 +673,11 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         models, warnings = await holder.get().list_models(capability=capability, endpoint=endpoint, refresh=refresh)
         return results.models_result(models, warnings)
 
-    def tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> _Tool:
-        # The docstring without its source indentation is what an agent reads.
-        description = inspect.cleandoc(fn.__doc__ or "")
-        return _Tool.from_function(fn, title=title, description=description, annotations=annotations)
-
     tools = [
-        tool(generate_image, "Generate images", GENERATE_ANNOTATIONS),
-        tool(edit_image, "Edit images", EDIT_ANNOTATIONS),
-        tool(get_image, "Get a generation's images", GET_ANNOTATIONS),
-        tool(list_models, "List image models", LIST_ANNOTATIONS),
+        _Tool.from_function(generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS),
+        _Tool.from_function(edit_image, title="Edit images", annotations=EDIT_ANNOTATIONS),
+        _Tool.from_function(get_image, title="Get a generation's images", annotations=GET_ANNOTATIONS),
+        _Tool.from_function(list_models, title="List image models", annotations=LIST_ANNOTATIONS),
     ]
     server = ImageGenServer(
         holder,
@@ -740,6 +740,8 @@ def _serve_logging_level(server: MCPServer) -> None:
     found"; the server's logs stay on stderr, where they are kept and grepped. The method exists
     through protocol 2025-11-25 (it is deprecated after), so a 2026 session never sees it.
     """
+    from mcp_types import EmptyResult, SetLevelRequestParams
+
     ours = logging.getLogger("mcp_imagegen")
 
     async def set_level(_ctx: Any, params: SetLevelRequestParams) -> EmptyResult:

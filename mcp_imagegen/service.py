@@ -290,6 +290,9 @@ class ImageService:
         raise AssertionError("unreachable: the last route either returns or raises")
 
     async def _on_route(self, job: Job, route: Route) -> GenerationResult:
+        missing = missing_key_error(route.endpoint, route.manifest)
+        if missing is not None:
+            raise missing  # before anything is prepared or sent
         request = job.request
         job.route = route
         prepared = checks.prepare(
@@ -299,9 +302,6 @@ class ImageService:
             endpoint=route.endpoint.name,
             endpoint_models=self._catalog.specs(route.endpoint),
         )
-        missing = missing_key_error(route.endpoint, route.manifest)
-        if missing is not None:
-            raise missing
         job.warnings.extend(prepared.warnings)
         total = sum(prepared.batches)
         await job._report(0, total, f"sending to {route.endpoint.name} ({route.model.id})")
