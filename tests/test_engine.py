@@ -11,7 +11,8 @@ import io
 import json
 import logging
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -400,8 +401,17 @@ async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path,
         assert service.store.get(result.images[0].id).path == result.images[0].path
 
 
+@contextmanager
+def _released_at_exit(emu: Any) -> Iterator[None]:
+    """Whatever happens, a held emulator answers again (else stopping it would wait on its held requests)."""
+    try:
+        yield
+    finally:
+        emu.release()
+
+
 async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, emulator: Any) -> None:
-    slow = emulator("openai", api_key=SECRET_KEY, latency_s=0.3)
+    slow = emulator("openai", api_key=SECRET_KEY)
     fast = emulator("modelmax", api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
@@ -416,12 +426,16 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
     async with ImageService(settings) as service:
         save = service.store.save
 
+        overlapping = threading.Event()
+
         def slow_save(*args: Any, **kwargs: Any) -> Any:
             nonlocal saving, peak_saving
             with lock:
                 saving += 1
                 peak_saving = max(peak_saving, saving)
-            time.sleep(0.02)  # an fsync on a slow disk: saves overlap
+                if saving > 1:
+                    overlapping.set()
+            overlapping.wait(timeout=30)  # a slow disk: the first save lasts until a second one runs
             try:
                 return save(*args, **kwargs)
             finally:
@@ -436,20 +450,24 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
             assert len(result.images) == 1
             done[f"{endpoint}{i}"] = anyio.current_time() - start
 
-        with anyio.fail_after(60):
+        slow.hold()  # the slow gateway answers nothing until every call to the fast one is done
+        with anyio.fail_after(60), _released_at_exit(slow):
             async with anyio.create_task_group() as tg:
                 for i in range(20):
                     tg.start_soon(one, i, "openai")
                 for i in range(80):
                     tg.start_soon(one, i, "modelmax")
+                # The slow gateway's queue (20 calls, 4 at a time, none answered) does not hold up
+                # the fast one.
+                while sum(key.startswith("modelmax") for key in done) < 80 or slow.in_flight < 4:
+                    await anyio.sleep(0.02)
+                assert not any(key.startswith("openai") for key in done)
+                assert slow.in_flight == 4  # its limit, and no more
+                slow.release()
     assert len(done) == 100
     assert slow.max_in_flight <= 4
     # Saves share the file threads: enough to overlap, too few to keep the event loop off the GIL.
     assert 1 < peak_saving <= DISK_THREADS
-    # The slow gateway's queue (20 calls, 4 at a time, 0.3 s each) does not hold up the fast one.
-    fast_last = max(v for k, v in done.items() if k.startswith("modelmax"))
-    slow_last = max(v for k, v in done.items() if k.startswith("openai"))
-    assert fast_last < slow_last
     assert len(list((tmp_path / "out").glob("*.png"))) == 100
 
 

@@ -519,8 +519,10 @@ async def test_slow_generation_returns_a_handle_then_get_image_collects_it(
 
 
 async def test_a_handle_carries_the_images_saved_so_far(tmp_path: Path, mode: str, emu: OpenAIEmulator) -> None:
-    emu.inject(Fault.delay(2.0), times=1)  # of dall-e-3's two one-image requests, one is slow
-    settings = emulator_settings(tmp_path, emu, tool_deadline_s=0.8)
+    # Of dall-e-3's two one-image requests, one is slow: the deadline passes before it can be
+    # answered (6 s > 4 s, whatever the machine), and leaves the fast one ample time.
+    emu.inject(Fault.delay(6.0), times=1)
+    settings = emulator_settings(tmp_path, emu, tool_deadline_s=4.0)
     async with connect(settings, mode) as client:
         first = await ok(client, "generate_image", {"prompt": "pair", "model": "dall-e-3", "n": 2})
         sc = first.structured_content
@@ -542,22 +544,30 @@ async def test_heartbeats_while_a_gateway_works(
 ) -> None:
     from mcp_imagegen import server as server_module
 
-    monkeypatch.setattr(server_module, "HEARTBEAT_S", 0.2)
-    emu.latency_s = 1.2
+    monkeypatch.setattr(server_module, "HEARTBEAT_S", 0.05)
     seen: list[tuple[float, str | None]] = []
+
+    def beats() -> list[str]:
+        return [m for _, m in seen if m and m.startswith("generating")]
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, message))
+        if len(beats()) >= 3:
+            emu.release()  # the gateway answers once three heartbeats were seen
 
-    async with connect(emulator_settings(tmp_path, emu), mode) as client:
-        await ok(
-            client,
-            "generate_image",
-            {"prompt": "slow", "model": "dall-e-2", "size": "256x256"},
-            progress_callback=on_progress,
-        )
-    beats = [m for _, m in seen if m and m.startswith("generating")]
-    assert len(beats) >= 3, seen
+    emu.hold()
+    try:
+        async with connect(emulator_settings(tmp_path, emu), mode) as client:
+            with anyio.fail_after(60):
+                await ok(
+                    client,
+                    "generate_image",
+                    {"prompt": "slow", "model": "dall-e-2", "size": "256x256"},
+                    progress_callback=on_progress,
+                )
+    finally:
+        emu.release()
+    assert len(beats()) >= 3, seen
     values = [p for p, _ in seen]
     assert values == sorted(values) and len(set(values)) == len(values)
     assert values[-1] == 1 and all(p < 1 for p, m in seen if m and m.startswith("generating"))

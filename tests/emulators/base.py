@@ -366,6 +366,8 @@ class Emulator:
         self._files: dict[str, _StoredFile] = {}
         self.in_flight = 0
         self.max_in_flight = 0  # highest number of concurrent requests seen (for client-limit tests)
+        self._open = threading.Event()  # cleared by hold(): gateway answers wait for release()
+        self._open.set()
 
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -511,6 +513,18 @@ class Emulator:
         image, instead of a generated one. `set_image(None)` clears it."""
         with self._lock:
             self._override = None if data is None else (data, times)
+
+    def hold(self) -> None:
+        """Keep every gateway answer (not file downloads) waiting until `release()`: a test can then
+        act while requests are certainly in flight, without guessing how long they take."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def served(self, path_part: str) -> int:
+        """How many requests to `path_part` were answered 200 (billed, by a real gateway)."""
+        return sum(1 for r in self.requests_to(path_part) if r.status == 200)
 
     def reset(self) -> None:
         """Forget recorded requests, queued faults and the image override (settings stay)."""
@@ -749,6 +763,8 @@ class Emulator:
         call = Call(request, rec, image_route)
         if handler != self._serve_file and self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
+        while handler != self._serve_file and not self._open.is_set():
+            await asyncio.sleep(0.01)
         delay = self._take_fault(call, DELAY_KINDS)
         if delay is not None:
             await asyncio.sleep(delay.seconds)
