@@ -238,7 +238,7 @@ def _check_providers_and_keys(settings: Settings, env: Mapping[str, str], source
             raise ConfigError(
                 f"{where}: endpoints[{i}].base_url: provider {ep.provider!r} has no default base URL; "
                 f"set base_url for endpoint {ep.name!r}",
-                hint=f"add base_url = \"https://...\" to endpoint {ep.name!r} in {source or 'the configuration'}",
+                hint=f'add base_url = "https://..." to endpoint {ep.name!r} in {source or "the configuration"}',
             )
         key_env = ep.api_key_env or manifest.key_env
         key = _env_value(env, key_env) if key_env else None

@@ -35,7 +35,6 @@ from . import b64, dialects
 from .catalog import missing_key_error
 from .config import EndpointConfig
 from .errors import (
-    AuthenticationError,
     BadGatewayResponseError,
     ConfigError,
     GatewayError,

@@ -160,4 +160,3 @@ async def test_freed_memory_is_handed_back_once_when_no_job_ran_for_a_while(
         sleep.open_all()  # the idle time after the last job is up
         await wait_until(lambda: len(trims) == 1)
     assert trims == [1]
-

@@ -29,9 +29,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _run_many(
-    run: Callable[[Callable[[], int]], Awaitable[int]], jobs: int, limit: int
-) -> tuple[int, set[int]]:
+async def _run_many(run: Callable[[Callable[[], int]], Awaitable[int]], jobs: int, limit: int) -> tuple[int, set[int]]:
     """Run `jobs` blocking jobs through `run` at once: (most running at the same time, their threads).
 
     Each job holds its thread until `limit` jobs have been seen running together (or 30 s pass),
