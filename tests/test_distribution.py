@@ -26,7 +26,7 @@ from mcp_imagegen.config import WELL_KNOWN_KEY_ENVS
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
-# The variables that hold gateway keys, as the server reads them (DESIGN.md section 3).
+# The variables that hold gateway keys, as the server reads them (its configuration contract).
 KEY_ENVS = tuple(key for key, _ in WELL_KNOWN_KEY_ENVS.values())
 # Non-secret variables of the configuration contract that server.json documents.
 PLAIN_ENVS = ("OPENAI_BASE_URL", "MCP_IMAGEGEN_OUTPUT_DIR", "MCP_IMAGEGEN_CONFIG", "MCP_IMAGEGEN_LOG_LEVEL")
