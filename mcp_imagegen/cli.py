@@ -109,15 +109,24 @@ def _serve_arguments(p: argparse.ArgumentParser, default: Any = None) -> None:
     def d(value: Any) -> Any:
         return value if default is None else default
 
+    def shown(help: str, value: Any) -> str:
+        # With SUPPRESS the formatter has no default to show: say it here.
+        return f"{help} (default: {value})" if default is not None else help
+
     p.add_argument(
         "--transport",
         choices=["stdio", "http", "sse"],
         default=d("stdio"),
-        help="stdio for a client that starts the server; http (streamable HTTP at /mcp) or sse (legacy, "
-        "at /sse) to serve over the network",
+        help=shown(
+            "stdio for a client that starts the server; http (streamable HTTP at /mcp) or sse (legacy, "
+            "at /sse) to serve over the network",
+            "stdio",
+        ),
     )
-    p.add_argument("--host", default=d("127.0.0.1"), help="address to listen on (http and sse)")
-    p.add_argument("--port", type=int, default=d(8000), help="port to listen on (http and sse; 0 picks a free one)")
+    p.add_argument("--host", default=d("127.0.0.1"), help=shown("address to listen on (http and sse)", "127.0.0.1"))
+    p.add_argument(
+        "--port", type=int, default=d(8000), help=shown("port to listen on (http and sse; 0 picks a free one)", 8000)
+    )
     p.add_argument(
         "--auth-token",
         default=d(None),

@@ -156,8 +156,10 @@ def test_every_option_is_described_and_defaults_are_shown() -> None:
                 assert action.help, f"{parser.prog} {action.option_strings} has no help text"
     generate_help = cli("generate", "--help").stdout
     assert "how many images (default: 1)" in " ".join(generate_help.split())
-    serve_help = " ".join(cli("--help").stdout.split())
-    assert "(default: stdio)" in serve_help and "(default: 8000)" in serve_help
+    for argv in (["--help"], ["serve", "--help"]):
+        serve_help = " ".join(cli(*argv).stdout.split())
+        assert "(default: stdio)" in serve_help and "(default: 8000)" in serve_help, argv
+        assert "(default: 127.0.0.1)" in serve_help and "(default: None)" not in serve_help, argv
 
 
 def test_log_level_works_after_the_command_too() -> None:
