@@ -333,12 +333,15 @@ async def _run_work(command: str, settings: Any, args: argparse.Namespace) -> in
 
 def _named_files(specs: list[str]) -> list[Path]:
     """Files the person named on the command line: theirs to read wherever they are (the
-    allowed-roots fence is for paths that agents send through the tools)."""
+    allowed-roots fence is for paths that agents send through the tools). A missing one is
+    included too, so that the error says it does not exist rather than that it is fenced off."""
     files = []
     for spec in specs:
-        path = Path(spec).expanduser()
-        if not spec.startswith(("http://", "https://", "data:", "imagegen://")) and path.is_file():
-            files.append(path.resolve())
+        if spec.startswith(("http://", "https://", "data:", "imagegen://")):
+            continue
+        # Inline base64 that passes this only adds a path that no file is at.
+        if len(spec) < 4096 and not any(c in spec for c in "\0\n"):
+            files.append(Path(spec).expanduser().resolve())
     return files
 
 
