@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-
-import anyio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import anyio
+
 from .config import EndpointConfig, Settings
-from .errors import ImageGenError, InvalidRequestError, ModelNotFoundError
+from .errors import AuthenticationError, ImageGenError, InvalidRequestError, ModelNotFoundError
 from .learning import LearnedFacts
 from .manifests import Manifest, ModelSpec, load_manifest
 from .models import Capability, ModelInfo, Operation
@@ -48,6 +48,24 @@ class Route:
 class _Discovered:
     at: float
     models: dict[str, DiscoveredModel]
+
+
+def missing_key_error(endpoint: EndpointConfig, manifest: Manifest) -> AuthenticationError | None:
+    """The error for an endpoint whose gateway needs a key that is not set, else None.
+
+    Checked before anything is sent to such an endpoint (discovery included, even where the
+    gateway lists its models without a key): a request that can only fail is not worth making.
+    """
+    if endpoint.api_key is not None and endpoint.api_key.get_secret_value():
+        return None
+    if manifest.transport != "http" or manifest.auth.scheme == "none" or not manifest.auth.required:
+        return None
+    var = endpoint.api_key_env or manifest.key_env
+    how = f"set {var}" if var else f"set api_key_env for endpoint {endpoint.name!r} and that variable"
+    return AuthenticationError(
+        f"endpoint {endpoint.name!r} needs an API key and none is set: {how}; nothing was sent",
+        endpoint=endpoint.name,
+    )
 
 
 def _needed(operation: Operation, has_mask: bool, n_images: int) -> set[Capability]:
@@ -118,8 +136,8 @@ class ModelCatalog:
     async def refresh(self, endpoint: EndpointConfig, *, force: bool = False) -> None:
         """Discover the endpoint's models unless a fresh enough list is cached."""
         manifest = load_manifest(endpoint.provider)
-        if manifest.discovery is None or self._gateway is None:
-            return
+        if manifest.discovery is None or self._gateway is None or missing_key_error(endpoint, manifest):
+            return  # (list_models says which key is missing)
         cached = self._discovered.get(endpoint.name)
         if cached and not force and time.monotonic() - cached.at < self._settings.discovery_ttl_s:
             return
@@ -156,6 +174,9 @@ class ModelCatalog:
                 except ImageGenError as exc:
                     warnings.append(f"model discovery on endpoint {ep.name!r} failed: {exc.agent_text()}")
             manifest = load_manifest(ep.provider)
+            missing = missing_key_error(ep, manifest)
+            if missing is not None:
+                warnings.append(f"{missing.message} (its models are listed from its manifest)")
             discovered = self._discovered.get(ep.name)
             for belief in self.beliefs(ep):
                 spec = belief.spec

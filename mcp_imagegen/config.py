@@ -7,6 +7,7 @@ the key is kept as a `SecretStr` so no repr, log line or error can print it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -229,12 +230,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+            at = re.search(r"\(at (line \d+, column \d+)\)", str(exc))
+            raise ConfigError(
+                f"configuration file {path} is not valid TOML: {exc}",
+                hint=f"fix the syntax{f' at {at[1]}' if at else ''} of {path} (keys as `name = value`, "
+                "strings in quotes, tables as [name] or [[endpoints]])",
+            ) from None
         except OSError as exc:
-            raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+            raise ConfigError(
+                f"configuration file {path} cannot be read: {exc.strerror}",
+                hint=f"make {path} readable by this user, or point {CONFIG_ENV} at another file",
+            ) from None
         source = path
     elif explicit:
-        raise ConfigError(f"configuration file {path} (named by {CONFIG_ENV}) does not exist")
+        raise ConfigError(
+            f"configuration file {path} (named by {CONFIG_ENV}) does not exist",
+            hint=f"create {path}, point {CONFIG_ENV} at an existing file, or unset {CONFIG_ENV} to use "
+            "the keys in the environment (or the offline endpoint)",
+        )
 
     if not raw.get("endpoints"):
         raw["endpoints"] = _env_endpoints(env) or [dict(OFFLINE_ENDPOINT)]
@@ -260,13 +273,15 @@ def _check_providers_and_keys(settings: Settings, env: Mapping[str, str], source
         if ep.provider not in known:
             raise ConfigError(
                 f"{where}: endpoints[{i}].provider: unknown provider {ep.provider!r} "
-                f"(endpoint {ep.name!r}); known providers: {', '.join(known)}"
+                f"(endpoint {ep.name!r}); known providers: {', '.join(known)}",
+                hint=f"set endpoints[{i}].provider in {source or 'the configuration'} to one of the known providers",
             )
         manifest = load_manifest(ep.provider)
         if manifest.transport == "http" and not (ep.base_url or manifest.base_url):
             raise ConfigError(
                 f"{where}: endpoints[{i}].base_url: provider {ep.provider!r} has no default base URL; "
-                f"set base_url for endpoint {ep.name!r}"
+                f"set base_url for endpoint {ep.name!r}",
+                hint=f'add base_url = "https://..." to endpoint {ep.name!r} in {source or "the configuration"}',
             )
         from .manifests import family, load_families
 

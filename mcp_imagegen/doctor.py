@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from .catalog import missing_key_error
 from .config import CONFIG_ENV, OUTPUT_DIR_ENV, Settings, config_path
 from .manifests import load_manifest
 
@@ -25,6 +26,11 @@ class Check:
     verdict: Verdict
     detail: str
     hint: str = ""
+
+
+def config_error_hint(exc: Exception) -> str:
+    """What to do about a configuration that could not be loaded."""
+    return getattr(exc, "hint", None) or "fix the configuration, or unset MCP_IMAGEGEN_CONFIG to use the defaults"
 
 
 def _config_checks(settings: Settings) -> list[Check]:
@@ -89,7 +95,12 @@ async def _reachability(settings: Settings) -> list[Check]:
     from .gateway import GatewayClient
 
     checks: list[Check] = []
-    http_endpoints = [ep for ep in settings.endpoints if load_manifest(ep.provider).transport == "http"]
+    # An endpoint whose required key is missing is not contacted: that check already failed.
+    http_endpoints = [
+        ep
+        for ep in settings.endpoints
+        if load_manifest(ep.provider).transport == "http" and missing_key_error(ep, load_manifest(ep.provider)) is None
+    ]
     if not http_endpoints:
         return checks
     async with GatewayClient(max_retries=0) as gateway:

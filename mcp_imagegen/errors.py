@@ -40,8 +40,13 @@ class ImageGenError(Exception):
         parts = [self.message]
         if self.gateway_message and self.gateway_message not in self.message:
             parts.append(f"Gateway said: {self.gateway_message}")
-        if self.endpoint:
-            parts.append(f"(endpoint {self.endpoint!r}{f', HTTP {self.status}' if self.status else ''})")
+        # Where it happened, unless the message already says it.
+        where = [f"endpoint {self.endpoint!r}"] if self.endpoint else []
+        if self.endpoint and self.status:
+            where.append(f"HTTP {self.status}")
+        where = [w for w in where if w not in self.message]
+        if where:
+            parts.append(f"({', '.join(where)})")
         if self.retryable:
             parts.append("A retry may succeed.")
         return " ".join(parts)
@@ -83,9 +88,14 @@ class ModelNotFoundError(ImageGenError):
 
 
 class ConfigError(ImageGenError):
-    """The configuration file or environment is wrong; the message names file, key and problem."""
+    """The configuration file or environment is wrong; the message names file, key and problem,
+    and `hint` what to do about it."""
 
     kind = "configuration"
+
+    def __init__(self, message: str, *, hint: str | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.hint = hint or "fix the named key in the file, or unset MCP_IMAGEGEN_CONFIG to use the defaults"
 
 
 class ManifestError(ConfigError):

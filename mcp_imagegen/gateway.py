@@ -34,9 +34,9 @@ import anyio
 import httpx2
 
 from . import b64, dialects, pacing
+from .catalog import missing_key_error
 from .config import EndpointConfig
 from .errors import (
-    AuthenticationError,
     BadGatewayResponseError,
     ConfigError,
     GatewayError,
@@ -208,12 +208,9 @@ class GatewayClient:
             return {}
         key = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else ""
         if not key:
-            if auth.required:
-                var = self._key_env(endpoint, manifest)
-                how = f"set {var}" if var else f"set api_key_env for endpoint {endpoint.name!r} and that variable"
-                raise AuthenticationError(
-                    f"endpoint {endpoint.name!r} needs an API key and none is set: {how}", endpoint=endpoint.name
-                )
+            missing = missing_key_error(endpoint, manifest)
+            if missing is not None:
+                raise missing
             return {}
         return {auth.header: f"Bearer {key}" if auth.scheme == "bearer" else key}
 

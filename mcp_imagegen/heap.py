@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from functools import cache
 from typing import Any
 
@@ -84,8 +85,9 @@ def release_free_memory() -> None:
 class IdleTrim:
     """Calls `release_free_memory` once the server has run no job for `idle_s`."""
 
-    def __init__(self, idle_s: float = IDLE_S) -> None:
+    def __init__(self, idle_s: float = IDLE_S, sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> None:
         self.idle_s = idle_s
+        self._sleep = sleep  # replaceable, so that a test decides when the idle time is up
         self._running = 0
         self._generation = 0  # jobs started so far: a trim scheduled before a newer job is void
 
@@ -99,7 +101,7 @@ class IdleTrim:
             tasks.start_soon(self._trim_if_still_idle, self._generation, name="memory trim when idle")
 
     async def _trim_if_still_idle(self, generation: int) -> None:
-        await anyio.sleep(self.idle_s)
+        await self._sleep(self.idle_s)
         if self._running == 0 and generation == self._generation:
             await in_worker(release_free_memory)
 

@@ -14,6 +14,7 @@ the `Context` parameter, at registration.)
 """
 
 import functools
+import inspect
 import logging
 import math
 import time
@@ -297,7 +298,12 @@ def _describe_validation(tool: str, exc: ValidationError) -> str:
 
 
 class _Tool(Tool):
-    """A tool whose argument errors name each bad argument and say what to change."""
+    """A tool whose argument errors name each bad argument and say what to change, and whose
+    description is its docstring without the source's indentation (what an agent reads)."""
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], *args: Any, description: str | None = None, **kwargs: Any) -> Any:
+        return super().from_function(fn, *args, description=description or inspect.cleandoc(fn.__doc__ or ""), **kwargs)
 
     async def run(self, arguments: dict[str, Any], context: Any, convert_result: bool = False) -> Any:
         fields = self.fn_metadata.arg_model.model_fields
@@ -745,4 +751,49 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
 
         return json.dumps({"images": [r.model_dump(mode="json", exclude={"parameters"}) for r in records]}, indent=1)
 
+    _serve_logging_level(server)
+    _drop_prompts(server)
     return server
+
+
+# MCP's eight levels onto Python's: `notice` ("normal but significant") is shown from WARNING.
+_MCP_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "alert": logging.CRITICAL,
+    "emergency": logging.CRITICAL,
+}
+
+
+def _serve_logging_level(server: MCPServer) -> None:
+    """`logging/setLevel` sets how much the server logs (on stderr: on stdio, stdout is the protocol's).
+
+    Served so that clients and the conformance suite that send it get `{}` rather than "method not
+    found"; the server's logs stay on stderr, where they are kept and grepped. The method exists
+    through protocol 2025-11-25 (it is deprecated after), so a 2026 session never sees it.
+    """
+    from mcp_types import EmptyResult, SetLevelRequestParams
+
+    ours = logging.getLogger("mcp_imagegen")
+
+    async def set_level(_ctx: Any, params: SetLevelRequestParams) -> EmptyResult:
+        ours.setLevel(_MCP_LEVELS[params.level])
+        log.info("log level set by the client", extra={"fields": {"level": params.level}})
+        return EmptyResult()
+
+    # The SDK's high-level server has no parameter for it; the low-level server advertises the
+    # `logging` capability once the handler is there.
+    server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
+
+def _drop_prompts(server: MCPServer) -> None:
+    """No `prompts` capability: this server has no prompts, and an empty list advertised invites
+    clients to ask (an unknown name then answered with error code 0). Without the handlers, the
+    capability is not advertised and prompts/* answer "method not found"."""
+    handlers = server._lowlevel_server._request_handlers  # the SDK registers them unconditionally
+    for method in ("prompts/list", "prompts/get"):
+        handlers.pop(method, None)

@@ -17,16 +17,17 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from . import b64, checks
-from .catalog import ModelCatalog, Route
+from .catalog import ModelCatalog, Route, missing_key_error
 from .config import Settings
 from .errors import (
     BadGatewayResponseError,
@@ -36,9 +37,9 @@ from .errors import (
     InvalidRequestError,
     ModelNotFoundError,
 )
-from .learning import STATE_FILE, LearnedFacts
 from .heap import IdleTrim, settle_heap
 from .jobs import Job, JobRecord, ProgressFn, Stopped
+from .learning import STATE_FILE, LearnedFacts
 from .limits import preview_bytes_for
 from .models import (
     CAPABILITIES,
@@ -220,10 +221,14 @@ class ImageService:
 
     # --- inputs --------------------------------------------------------------------------------
 
-    async def resolve_inputs(self, specs: list[str], mask: str | None) -> tuple[list[InputImage], InputImage | None]:
+    async def resolve_inputs(
+        self, specs: list[str], mask: str | None, *, readable: Sequence[Path] = ()
+    ) -> tuple[list[InputImage], InputImage | None]:
+        """Input images from what a caller gave; `readable` adds files that may be read wherever
+        they are (those a person named on the command line, not those an agent sent)."""
         from .inputs import allowed_roots_for, resolve_input
 
-        roots = allowed_roots_for(self.settings)
+        roots = [*allowed_roots_for(self.settings), *readable]
         resolved = []
         for i, spec in enumerate(specs):
             role = "image" if len(specs) == 1 else f"image {i + 1}"
@@ -433,6 +438,9 @@ class ImageService:
         raise AssertionError("unreachable: the last route either returns or raises")
 
     async def _on_route(self, job: Job, route: Route) -> GenerationResult:
+        missing = missing_key_error(route.endpoint, route.manifest)
+        if missing is not None:
+            raise missing  # before anything is prepared or sent
         try:
             return await self._send_on_route(job, route)
         except InvalidRequestError as exc:

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -181,8 +181,9 @@ async def _watch_signals(service: Any, stopping: anyio.Event) -> None:
 # --- HTTP and SSE ------------------------------------------------------------------------------------
 
 
-def draining_server(config: Any, service: Any) -> Any:
-    """A uvicorn.Server whose first signal drains the service before the connections close."""
+def draining_server(config: Any, service: Any, on_started: Callable[[Any], None] | None = None) -> Any:
+    """A uvicorn.Server whose first signal drains the service before the connections close;
+    `on_started(server)` runs once it listens."""
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -191,6 +192,11 @@ def draining_server(config: Any, service: Any) -> Any:
     AppStatus.disable_automatic_graceful_drain()
 
     class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit and on_started is not None:
+                on_started(self)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.should_exit:
                 exit_now(service, f"second signal ({signal.Signals(sig).name})")

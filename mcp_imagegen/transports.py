@@ -24,6 +24,7 @@ import copy
 import hmac
 import ipaddress
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -233,10 +234,19 @@ def uvicorn_log_config() -> dict[str, Any]:
     return config
 
 
-async def _serve_uvicorn(app: Starlette, host: str, port: int) -> None:
+async def _serve_uvicorn(app: Starlette, host: str, port: int, *, transport: str, path: str) -> None:
     from .shutdown import draining_server
 
-    await draining_server(uvicorn_config(app, host, port), app.state.imagegen_service).serve()
+    def announce(server: Any) -> None:
+        # The person who started the server needs to know where it listens (the port may have
+        # been 0), whatever the log level; stderr never carries protocol.
+        bound = [s.getsockname()[1] for listener in server.servers for s in listener.sockets]
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{bound[0] if bound else port}{path}"
+        print(f"mcp-imagegen: serving MCP ({transport}) at {url}; press Ctrl+C to stop", file=sys.stderr)
+        sys.stderr.flush()
+
+    await draining_server(uvicorn_config(app, host, port), app.state.imagegen_service, announce).serve()
 
 
 def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
@@ -289,8 +299,7 @@ async def serve_http(
         stateless=stateless,
         allow_unauthenticated=allow_unauthenticated,
     )
-    log.info("serving streamable HTTP on http://%s:%d%s", host, port, MCP_PATH)
-    await _serve_uvicorn(app, host, port)
+    await _serve_uvicorn(app, host, port, transport="streamable HTTP", path=MCP_PATH)
 
 
 async def serve_sse(
@@ -302,8 +311,7 @@ async def serve_sse(
     allow_unauthenticated: bool = False,
 ) -> None:
     app = sse_app(settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated)
-    log.info("serving legacy SSE on http://%s:%d%s", host, port, SSE_PATH)
-    await _serve_uvicorn(app, host, port)
+    await _serve_uvicorn(app, host, port, transport="legacy SSE", path=SSE_PATH)
 
 
 def _run(main: Any, *args: Any, **kwargs: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -68,21 +68,29 @@ async def in_worker_unless_small(fn: Callable[[], T], input_bytes: int) -> T:
     return await in_worker(fn)
 
 
-async def watch_event_loop(tick_s: float = 0.005, report_over_s: float = 0.01) -> None:
+async def watch_event_loop(
+    tick_s: float = 0.005,
+    report_over_s: float = 0.01,
+    *,
+    clock: Callable[[], float] = anyio.current_time,
+    cpu_clock: Callable[[], float] = time.thread_time,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+) -> None:
     """Log every event-loop stall longer than `report_over_s` (a DEBUG diagnostic).
 
     A task that should wake every `tick_s` measures how late it wakes: the lateness is how long
     something held the loop. `cpu_ms` is how much of that time the loop's thread was computing;
     the rest it waited for a processor (other processes, or worker threads holding the GIL).
-    Runs only while DEBUG logging is on, so it costs nothing otherwise.
+    Runs only while DEBUG logging is on, so it costs nothing otherwise. The clocks and the sleep
+    can be replaced, so that a test can script the stalls instead of timing real ones.
     """
     log = logging.getLogger("mcp_imagegen.loop")
     while True:
-        start, cpu_start = anyio.current_time(), time.thread_time()
-        await anyio.sleep(tick_s)
-        late = anyio.current_time() - start - tick_s
+        start, cpu_start = clock(), cpu_clock()
+        await sleep(tick_s)
+        late = clock() - start - tick_s
         if late > report_over_s:
-            cpu = min(late, time.thread_time() - cpu_start)
+            cpu = min(late, cpu_clock() - cpu_start)
             log.debug(
                 "event loop stalled", extra={"fields": {"ms": round(late * 1000, 1), "cpu_ms": round(cpu * 1000, 1)}}
             )

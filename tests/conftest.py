@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,24 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("MCP_IMAGEGEN_OUTPUT_DIR", str(tmp_path / "out"))
+
+
+@pytest.fixture(autouse=True)
+def restored_logging() -> Iterator[None]:
+    """A test that runs the CLI in-process installs a handler on the stderr pytest captured and
+    closes afterwards; put logging back as it was, so no later log line meets a closed stream."""
+    root = logging.getLogger()
+    ours = logging.getLogger("mcp_imagegen")
+    handlers, root_level, our_level = list(root.handlers), root.level, ours.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(root_level)
+    ours.setLevel(our_level)
 
 
 def endpoint_for(emu: Emulator, name: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -68,3 +87,34 @@ def emulator() -> Iterator[Callable[..., Emulator]]:
     yield start
     for emu in started:
         emu.stop()
+
+
+class GatedSleep:
+    """A stand-in for `anyio.sleep` that returns only when the test opens its gate: code that waits
+    for time to pass is tested by deciding when the time is up, not by waiting for it."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[float, Any]] = []  # (seconds asked for, the anyio.Event to set)
+
+    async def __call__(self, seconds: float) -> None:
+        import anyio
+
+        gate = anyio.Event()
+        self.waiting.append((seconds, gate))
+        await gate.wait()
+
+    def open_all(self) -> int:
+        gates = [gate for _, gate in self.waiting if not gate.is_set()]
+        for gate in gates:
+            gate.set()
+        return len(gates)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Let other tasks run until `condition` holds (at least one pass through the event loop)."""
+    import anyio
+
+    with anyio.fail_after(timeout_s):
+        await anyio.sleep(0.01)
+        while not condition():
+            await anyio.sleep(0.01)

@@ -26,11 +26,11 @@ from mcp_imagegen.config import WELL_KNOWN_KEY_ENVS
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
-# The variables that hold gateway keys, as the server reads them (DESIGN.md section 3).
+# The variables that hold gateway keys, as the server reads them (its configuration contract).
 KEY_ENVS = tuple(key for key, _ in WELL_KNOWN_KEY_ENVS.values())
 # Non-secret variables of the configuration contract that server.json documents.
 PLAIN_ENVS = ("OPENAI_BASE_URL", "MCP_IMAGEGEN_OUTPUT_DIR", "MCP_IMAGEGEN_CONFIG", "MCP_IMAGEGEN_LOG_LEVEL")
-TOOLS = ("generate_image", "edit_image", "list_models")
+TOOLS = ("generate_image", "edit_image", "get_image", "list_models")
 
 REGISTRY_SCHEMA_FILE = SCHEMAS / "server.schema.2025-12-11.json"
 REGISTRY_SCHEMA_URL = "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json"
@@ -388,3 +388,54 @@ def test_desktop_snippet_breakage_is_caught(breakage: str) -> None:
     assert broken != text, "the mutation did not apply"
     problems = desktop_snippet_problems(broken)
     assert any(expected in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------- the built bundle
+
+
+def _build_script() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_script", ROOT / "scripts" / "build.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bundle_holds_the_manifest_and_a_runnable_server(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    bundle = _build_script().build_bundle(tmp_path / "dist")
+    manifest = load_json(MCPB_MANIFEST)
+    assert bundle.name == f"{manifest['name']}-{manifest['version']}.mcpb"
+    with zipfile.ZipFile(bundle) as z:
+        names = z.namelist()
+        assert names[0] == "manifest.json"
+        assert json.loads(z.read("manifest.json")) == manifest
+        assert mcpb_problems(json.loads(z.read("manifest.json"))) == []
+        assert manifest["server"]["entry_point"] in names
+        assert {"pyproject.toml", "README.md"} <= set(names)
+        providers = {p.name for p in (ROOT / "manifests").glob("*.toml")}
+        assert {n.removeprefix("manifests/") for n in names if n.startswith("manifests/")} == providers
+        assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+        z.extractall(tmp_path / "unpacked")
+    # What `uv run --directory <bundle> python -m mcp_imagegen` runs, minus uv: the unpacked
+    # bundle alone must make a working server (its own package, its own provider manifests).
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "unpacked"), "MCP_IMAGEGEN_OUTPUT_DIR": str(tmp_path / "out")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_imagegen", "generate", "a red fox", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).is_file()
+    check = "import mcp_imagegen, mcp_imagegen.manifests as m; print(mcp_imagegen.__file__, m.manifest_dir())"
+    where = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert where.stdout.startswith(str(tmp_path / "unpacked")), where.stdout + where.stderr

@@ -106,3 +106,41 @@ def test_broken_configuration_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     code, out = doctor(capsys)
     assert code == 1
     assert "[FAIL] configuration:" in out and "endpoints[0].provider" in out and "'dall-e'" in out
+
+
+def test_a_toml_syntax_error_gets_its_line_and_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    configure(tmp_path, monkeypatch, 'output_dir = "~/pics"\n[[endpoints]\nname = "x"\n')
+    code, out = doctor(capsys)
+    assert code == 1
+    assert "[FAIL] configuration:" in out and "not valid TOML" in out
+    [hint] = [line for line in out.splitlines() if "hint:" in line]
+    assert "fix the syntax at line 2, column" in hint and str(tmp_path / "config.toml") in hint
+    assert "named key" not in hint
+
+
+def test_a_missing_configuration_file_names_the_path_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    missing = tmp_path / "nowhere" / "mcp-imagegen.toml"
+    monkeypatch.setenv("MCP_IMAGEGEN_CONFIG", str(missing))
+    code, out = doctor(capsys)
+    assert code == 1
+    [hint] = [line for line in out.splitlines() if "hint:" in line]
+    assert f"create {missing}" in hint and "unset MCP_IMAGEGEN_CONFIG" in hint
+
+
+def test_an_endpoint_without_its_key_is_not_contacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, emulator: Any
+) -> None:
+    emu = emulator("nano-gpt", api_key=SECRET_KEY)
+    configure(
+        tmp_path,
+        monkeypatch,
+        f'[[endpoints]]\nname = "nano"\nprovider = "nano-gpt"\nbase_url = "{emu.base_url}"\n'
+        'api_key_env = "NANOGPT_API_KEY"\n',
+    )
+    code, out = doctor(capsys)
+    assert code == 1 and "no key: $NANOGPT_API_KEY is not set" in out
+    assert emu.requests == []

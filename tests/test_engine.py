@@ -11,7 +11,8 @@ import io
 import json
 import logging
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from mcp_imagegen.errors import (
 from mcp_imagegen.models import ImageRequest, InputImage
 from mcp_imagegen.service import ImageService
 from mcp_imagegen.work import DISK_THREADS
-from tests.conftest import SECRET_KEY, endpoint_for, make_settings
+from tests.conftest import SECRET_KEY, GatedSleep, endpoint_for, make_settings, wait_until
 from tests.emulators import Fault
 from tests.emulators import images as emu_images
 
@@ -431,9 +432,18 @@ async def test_caller_that_stops_waiting_does_not_lose_the_image(tmp_path: Path,
         assert service.store.get(result.images[0].id).path == result.images[0].path
 
 
+@contextmanager
+def _released_at_exit(emu: Any) -> Iterator[None]:
+    """Whatever happens, a held emulator answers again (else stopping it would wait on its held requests)."""
+    try:
+        yield
+    finally:
+        emu.release()
+
+
 async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, emulator: Any) -> None:
-    slow = emulator("openai", serve_retired=True, api_key=SECRET_KEY, latency_s=0.3)
-    fast = emulator("modelmax", serve_retired=True, api_key=SECRET_KEY)
+    slow = emulator("openai", api_key=SECRET_KEY)
+    fast = emulator("modelmax", api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [
@@ -447,12 +457,16 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
     async with ImageService(settings) as service:
         save = service.store.save
 
+        overlapping = threading.Event()
+
         def slow_save(*args: Any, **kwargs: Any) -> Any:
             nonlocal saving, peak_saving
             with lock:
                 saving += 1
                 peak_saving = max(peak_saving, saving)
-            time.sleep(0.02)  # an fsync on a slow disk: saves overlap
+                if saving > 1:
+                    overlapping.set()
+            overlapping.wait(timeout=30)  # a slow disk: the first save lasts until a second one runs
             try:
                 return save(*args, **kwargs)
             finally:
@@ -464,26 +478,30 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
 
         async def one(i: int, endpoint: str) -> None:
             # imagen-3's small images on the fast gateway (its default makes 2048 px ones).
-            model = "imagen-3" if endpoint == "modelmax" else None
+            model = None  # each endpoint's default
             request = ImageRequest(operation="generate", prompt=f"p{i}", endpoint=endpoint, model=model)
             result = await service.generate(request)
             assert len(result.images) == 1
             done[f"{endpoint}{i}"] = anyio.current_time() - start
 
-        with anyio.fail_after(60):
+        slow.hold()  # the slow gateway answers nothing until every call to the fast one is done
+        with anyio.fail_after(60), _released_at_exit(slow):
             async with anyio.create_task_group() as tg:
                 for i in range(20):
                     tg.start_soon(one, i, "openai")
                 for i in range(80):
                     tg.start_soon(one, i, "modelmax")
+                # The slow gateway's queue (20 calls, 4 at a time, none answered) does not hold up
+                # the fast one.
+                while sum(key.startswith("modelmax") for key in done) < 80 or slow.in_flight < 4:
+                    await anyio.sleep(0.02)
+                assert not any(key.startswith("openai") for key in done)
+                assert slow.in_flight == 4  # its limit, and no more
+                slow.release()
     assert len(done) == 100
     assert slow.max_in_flight <= 4
     # Saves share the file threads: enough to overlap, too few to keep the event loop off the GIL.
     assert 1 < peak_saving <= DISK_THREADS
-    # The slow gateway's queue (20 calls, 4 at a time, 0.3 s each) does not hold up the fast one.
-    fast_last = max(v for k, v in done.items() if k.startswith("modelmax"))
-    slow_last = max(v for k, v in done.items() if k.startswith("openai"))
-    assert fast_last < slow_last
     assert len(list((tmp_path / "out").glob("*.png"))) == 100
 
 
@@ -519,20 +537,20 @@ async def test_finished_jobs_let_go_of_their_input_images(tmp_path: Path) -> Non
 async def test_freed_memory_is_handed_back_once_the_service_is_idle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trims: list[float] = []
-    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(time.monotonic()))  # a worker thread
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(1))  # a worker thread
     settings = make_settings(tmp_path, [{"name": "offline", "provider": "offline"}])
+    sleep = GatedSleep()
     async with ImageService(settings) as service:
-        service._idle_trim.idle_s = 0.2
+        service._idle_trim = heap.IdleTrim(idle_s=0.2, sleep=sleep)
         first = service.submit(ImageRequest(operation="generate", prompt="a red fox", size="64x64"))
         second = service.submit(ImageRequest(operation="generate", prompt="a blue fox", size="64x64"))
         assert await first.wait(30) is not None and await second.wait(30) is not None
-        done_at = time.monotonic()
-        await anyio.sleep(0.1)
-        assert trims == []  # not idle for long enough yet
-        await anyio.sleep(0.3)
-    assert len(trims) == 1
-    assert trims[0] - done_at >= 0.19
+        await wait_until(lambda: bool(sleep.waiting))
+        assert trims == []  # the idle time is not up yet
+        sleep.open_all()
+        await wait_until(lambda: bool(trims))
+    assert trims == [1]
 
 
 # --- answers that are not plain rasters: SVG documents and animated GIFs ----------------------

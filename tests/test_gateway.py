@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -417,21 +416,21 @@ async def test_429_with_retry_after_then_success(emus: dict[str, Emulator]) -> N
     emu = emus["openai"]
     emu.inject(Fault.rate_limit(retry_after=None, retry_after_ms=200))
     notes: list[str] = []
-    started = time.monotonic()
     async with client() as gw:
         _, blobs = await call(gw, "openai", emu, gen(), on_retry=notes.append)
-    assert time.monotonic() - started >= 0.2
     assert len(emu.requests_to("/images/")) == 2 and blobs
-    assert notes and "429" in notes[0]
+    [note] = notes
+    assert note.startswith("HTTP 429;") and note.endswith(" in 0.2 s")  # waited what retry-after-ms asked
 
 
 async def test_429_retry_after_seconds_then_success(emus: dict[str, Emulator]) -> None:
     emu = emus["llm-vin"]
     emu.inject(Fault.rate_limit(retry_after=1))
-    started = time.monotonic()
+    notes: list[str] = []
     async with client() as gw:
-        await call(gw, "llm-vin", emu, gen())
-    assert time.monotonic() - started >= 0.95
+        await call(gw, "llm-vin", emu, gen(), on_retry=notes.append)
+    [note] = notes
+    assert note.startswith("HTTP 429;") and note.endswith(" in 1.0 s")  # waited what Retry-After asked
     assert len(emu.requests_to("/images/")) == 2
 
 
@@ -566,11 +565,9 @@ async def test_timeout_s_counts_the_waits_between_attempts(fresh: Any) -> None:
 async def test_drip_slower_than_deadline(emus: dict[str, Emulator]) -> None:
     emu = emus["openai"]
     emu.inject(Fault.drip(3.0, chunks=12))
-    started = time.monotonic()
     async with client() as gw:
         with pytest.raises(GatewayTimeoutError, match="within 1 s"):
             await call(gw, "openai", emu, gen(), timeout_s=0.8)
-    assert time.monotonic() - started < 1.6
     assert len(emu.requests_to("/images/")) == 1  # the answer had started: no second paid attempt
 
 
@@ -666,12 +663,14 @@ async def test_fetch_image_bounded_and_data_urls() -> None:
 
 async def test_cancellation_stops_the_request(fresh: Any) -> None:
     emu = fresh("openai")
-    emu.inject(Fault.delay(3.0))
-    started = time.monotonic()
+    emu.inject(Fault.delay(30))
     async with client() as gw:
         with anyio.move_on_after(0.3) as scope:
             await call(gw, "openai", emu, gen())
-    assert scope.cancelled_caught and time.monotonic() - started < 1.5
+    # The caller got control back while the gateway was still holding its answer.
+    assert scope.cancelled_caught
+    [request] = emu.requests_to("/images/")
+    assert request.status is None
 
 
 # --- secrets and logs ----------------------------------------------------------------------------

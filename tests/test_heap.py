@@ -9,13 +9,13 @@ import platform
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 
 from mcp_imagegen import heap
+from tests.conftest import GatedSleep, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -138,20 +138,25 @@ def test_a_users_own_malloc_settings_are_left_alone() -> None:
 async def test_freed_memory_is_handed_back_once_when_no_job_ran_for_a_while(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    trims: list[float] = []
-    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(time.monotonic()))  # a worker thread
-    idle = heap.IdleTrim(idle_s=0.2)
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(1))  # a worker thread
+    sleep = GatedSleep()
+    idle = heap.IdleTrim(idle_s=0.2, sleep=sleep)
     async with anyio.create_task_group() as tg:
         idle.job_started()
         idle.job_started()
-        idle.job_finished(tg)  # one still running: no trim
-        await anyio.sleep(0.3)
-        assert trims == []
+        idle.job_finished(tg)  # one still running: nothing waits to trim
+        await wait_until(lambda: True)
+        assert sleep.waiting == []
         idle.job_finished(tg)  # idle from here...
-        await anyio.sleep(0.05)
+        await wait_until(lambda: len(sleep.waiting) == 1)
         idle.job_started()  # ...until a job comes within the window: that trim is void
         idle.job_finished(tg)
-        last_finished = time.monotonic()
-        await anyio.sleep(0.4)
-    assert len(trims) == 1
-    assert trims[0] - last_finished >= 0.19
+        await wait_until(lambda: len(sleep.waiting) == 2)
+        assert [seconds for seconds, _ in sleep.waiting] == [0.2, 0.2]
+        sleep.waiting[0][1].set()  # the first window ends after the newer job: no trim
+        await wait_until(lambda: True)
+        assert trims == []
+        sleep.open_all()  # the idle time after the last job is up
+        await wait_until(lambda: len(trims) == 1)
+    assert trims == [1]

@@ -588,8 +588,10 @@ async def test_slow_generation_returns_a_handle_then_get_image_collects_it(
 
 
 async def test_a_handle_carries_the_images_saved_so_far(tmp_path: Path, mode: str, emu: OpenAIEmulator) -> None:
-    emu.inject(Fault.delay(2.0), times=1)  # of dall-e-3's two one-image requests, one is slow
-    settings = emulator_settings(tmp_path, emu, tool_deadline_s=0.8)
+    # Of dall-e-3's two one-image requests, one is slow: the deadline passes before it can be
+    # answered (6 s > 4 s, whatever the machine), and leaves the fast one ample time.
+    emu.inject(Fault.delay(6.0), times=1)
+    settings = emulator_settings(tmp_path, emu, tool_deadline_s=4.0)
     async with connect(settings, mode) as client:
         first = await ok(client, "generate_image", {"prompt": "pair", "model": "dall-e-3", "n": 2})
         sc = first.structured_content
@@ -611,22 +613,30 @@ async def test_heartbeats_while_a_gateway_works(
 ) -> None:
     from mcp_imagegen import server as server_module
 
-    monkeypatch.setattr(server_module, "HEARTBEAT_S", 0.2)
-    emu.latency_s = 1.2
+    monkeypatch.setattr(server_module, "HEARTBEAT_S", 0.05)
     seen: list[tuple[float, str | None]] = []
+
+    def beats() -> list[str]:
+        return [m for _, m in seen if m and m.startswith("generating")]
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, message))
+        if len(beats()) >= 3:
+            emu.release()  # the gateway answers once three heartbeats were seen
 
-    async with connect(emulator_settings(tmp_path, emu), mode) as client:
-        await ok(
-            client,
-            "generate_image",
-            {"prompt": "slow", "model": "dall-e-2", "size": "256x256"},
-            progress_callback=on_progress,
-        )
-    beats = [m for _, m in seen if m and m.startswith("generating")]
-    assert len(beats) >= 3, seen
+    emu.hold()
+    try:
+        async with connect(emulator_settings(tmp_path, emu), mode) as client:
+            with anyio.fail_after(60):
+                await ok(
+                    client,
+                    "generate_image",
+                    {"prompt": "slow", "model": "dall-e-2", "size": "256x256"},
+                    progress_callback=on_progress,
+                )
+    finally:
+        emu.release()
+    assert len(beats()) >= 3, seen
     values = [p for p, _ in seen]
     assert values == sorted(values) and len(set(values)) == len(values)
     assert values[-1] == 1 and all(p < 1 for p, m in seen if m and m.startswith("generating"))
@@ -685,3 +695,64 @@ async def test_cancelling_a_call_saves_what_was_sent_and_sends_nothing_more(
             # also does: never the person's decision for sure, so the whole job is done.
             assert job.status == "done" and len(job.saved) == 2
     assert len(emu.requests_to("/images/generations")) == len(job.saved)
+
+
+# --- protocol details ----------------------------------------------------------------------------
+
+
+async def test_tool_descriptions_carry_no_source_indentation(tmp_path: Path, mode: str) -> None:
+    async with connect(offline_settings(tmp_path), mode) as client:
+        tools = await tool_schemas(client)
+    for name, tool in tools.items():
+        assert tool.description, name
+        lines = tool.description.splitlines()
+        assert all(not line.startswith(" ") for line in lines), f"{name}: {tool.description!r}"
+        assert tool.description == tool.description.strip()
+    assert "\n\nReturns each image" in tools["generate_image"].description  # paragraphs are kept
+
+
+async def test_no_prompts_capability_and_prompt_requests_are_unknown_methods(tmp_path: Path, mode: str) -> None:
+    async with connect(offline_settings(tmp_path), mode) as client:
+        assert client.server_capabilities.prompts is None
+        for call in (client.list_prompts(), client.get_prompt("anything")):
+            with pytest.raises(MCPError) as caught:
+                await call
+            assert caught.value.error.code == -32601  # method not found, not code 0
+
+
+async def test_logging_capability_and_set_level_change_the_servers_log_level(tmp_path: Path, mode: str) -> None:
+    import logging
+    import warnings
+
+    ours = logging.getLogger("mcp_imagegen")
+    async with connect(offline_settings(tmp_path), mode) as client:
+        assert client.server_capabilities.logging is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the SDK marks logging/setLevel deprecated after 2025-11-25
+            if mode == "legacy":
+                await client.set_logging_level("debug")
+                assert ours.getEffectiveLevel() == logging.DEBUG
+                await client.set_logging_level("error")
+                assert ours.getEffectiveLevel() == logging.ERROR
+            else:
+                # 2026-07-28 has no logging/setLevel: logs are opted into per request instead.
+                with pytest.raises(MCPError) as caught:
+                    await client.set_logging_level("debug")
+                assert caught.value.error.code == -32601
+        # The server works on after it.
+        await ok(client, "generate_image", {"prompt": "still here", "size": "32x32"})
+
+
+async def test_tools_send_nothing_to_an_endpoint_whose_key_is_missing(
+    tmp_path: Path, emu: OpenAIEmulator, mode: str
+) -> None:
+    keyless = EndpointConfig(name="oa", provider="openai", base_url=emu.base_url)  # OPENAI_API_KEY unset
+    settings = offline_settings(tmp_path, endpoints=[keyless])
+    async with connect(settings, mode) as client:
+        text = await error_text(client, "generate_image", {"prompt": "a fox"})
+        assert "OPENAI_API_KEY" in text and "nothing was sent" in text
+        text = await error_text(client, "generate_image", {"prompt": "a fox", "model": "gpt-image-2"})
+        assert "OPENAI_API_KEY" in text
+        listed = await ok(client, "list_models", {"refresh": True})
+        assert any("OPENAI_API_KEY" in w for w in listed.structured_content["warnings"])
+    assert emu.requests == []
