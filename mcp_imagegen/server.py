@@ -30,7 +30,7 @@ from mcp_types import Resource as MCPResource
 from mcp_types import ResourceTemplate as MCPResourceTemplate
 from pydantic import AnyUrl, Field, ValidationError
 
-from . import __version__, results
+from . import __version__, results, studio
 from .config import Settings
 from .errors import ImageGenError, InputNotFoundError, InvalidRequestError
 from .models import ImageRecord, ImageRequest, given_knobs
@@ -668,8 +668,10 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         return results.models_result(models, warnings)
 
     tools = [
-        _Tool.from_function(generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS),
-        _Tool.from_function(edit_image, title="Edit images", annotations=EDIT_ANNOTATIONS),
+        _Tool.from_function(
+            generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS, meta=studio.TOOL_META
+        ),
+        _Tool.from_function(edit_image, title="Edit images", annotations=EDIT_ANNOTATIONS, meta=studio.TOOL_META),
         _Tool.from_function(get_image, title="Get a generation's images", annotations=GET_ANNOTATIONS),
         _Tool.from_function(list_models, title="List image models", annotations=LIST_ANNOTATIONS),
     ]
@@ -681,6 +683,9 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         instructions=INSTRUCTIONS,
         tools=tools,
         lifespan=lifespan,
+        # The image studio (MCP Apps) for hosts that render it; others see no change.
+        extensions=[studio.studio_app(holder)],
+        middleware=[studio.hide_app_only_tools],
     )
 
     @server.resource(

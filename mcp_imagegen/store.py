@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from .config import OUTPUT_DIR_ENV
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
-from .models import ImageRecord, Operation
+from .models import ImageRecord, Origin
 
 URI_PREFIX = "imagegen://images/"
 META_DIR_NAME = ".mcp-imagegen"
@@ -132,7 +132,7 @@ class ImageStore:
         width: int,
         height: int,
         prompt: str,
-        operation: Operation,
+        operation: Origin,
         model: str,
         endpoint: str,
         provider: str,
