@@ -30,7 +30,7 @@ from mcp_types import Resource as MCPResource
 from mcp_types import ResourceTemplate as MCPResourceTemplate
 from pydantic import AnyUrl, Field, ValidationError
 
-from . import __version__, results, studio
+from . import __version__, results, studio, tasks
 from .config import Settings
 from .errors import ImageGenError, InputNotFoundError, InvalidRequestError
 from .models import ImageRecord, ImageRequest, given_knobs
@@ -428,7 +428,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         job = svc.submit(request, progress=progress.service_report)
         started = time.monotonic()
         try:
-            result = await _await_job(job, settings.tool_deadline_s, progress, "generating")
+            result = await _await_job(job, tasks.answer_within(settings.tool_deadline_s), progress, "generating")
         except anyio.get_cancelled_exc_class():
             # Plain calls, no awaits: nothing here can be interrupted by the cancellation.
             progress.close()
@@ -683,8 +683,8 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         instructions=INSTRUCTIONS,
         tools=tools,
         lifespan=lifespan,
-        # The image studio (MCP Apps) for hosts that render it; others see no change.
-        extensions=[studio.studio_app(holder)],
+        # The image studio (MCP Apps) and tasks (2026-07-28) for clients that declare them.
+        extensions=[studio.studio_app(holder), tasks.TasksExtension(holder)],
         middleware=[studio.hide_app_only_tools],
     )
 
