@@ -110,10 +110,11 @@ class HostStub:
     calls: list[dict[str, Any]] = field(default_factory=list)  # every tools/call the app made
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 async def _dump(result: Any) -> dict[str, Any]:
@@ -127,7 +128,8 @@ async def host_stub(client: Client) -> AsyncIterator[HostStub]:
     [content] = page.contents
     html = content.text
     declared = (content.meta or {}).get("ui", {}).get("csp")
-    host_port, app_port = _free_port(), _free_port()
+    sockets = [_bound_socket(), _bound_socket()]
+    host_port, app_port = (sock.getsockname()[1] for sock in sockets)
     stub = HostStub(
         host_url=f"http://127.0.0.1:{host_port}/",
         app_url=f"http://127.0.0.1:{app_port}/app.html",
@@ -159,18 +161,20 @@ async def host_stub(client: Client) -> AsyncIterator[HostStub]:
     icon = Route("/favicon.ico", no_icon)
     host_app = Starlette(routes=[Route("/", host_page), Route("/rpc", rpc, methods=["POST"]), icon])
     app_app = Starlette(routes=[Route("/app.html", app_page), icon])
-    servers = [
-        uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning", lifespan="off"))
-        for app, port in ((host_app, host_port), (app_app, app_port))
-    ]
+
+    async def by_origin(scope: Any, receive: Any, send: Any) -> None:
+        await (host_app if scope["server"][1] == host_port else app_app)(scope, receive, send)
+
+    # One server listening on both origins' sockets: uvicorn saves and restores the process's
+    # signal handlers per server, and two at once in one thread would leave a stale handler behind
+    # (which sse-starlette then reads as "shutting down" in every later server of the process).
+    server = uvicorn.Server(uvicorn.Config(by_origin, log_config=None, log_level="warning", lifespan="off"))
     async with anyio.create_task_group() as tg:
-        for server in servers:
-            tg.start_soon(server.serve)
+        tg.start_soon(lambda: server.serve(sockets=sockets))
         with anyio.fail_after(30):
-            while not all(s.started for s in servers):
+            while not server.started:
                 await anyio.sleep(0.02)
         try:
             yield stub
         finally:
-            for server in servers:
-                server.should_exit = True
+            server.should_exit = True
