@@ -210,4 +210,3 @@ async def hide_app_only_tools(ctx: ServerRequestContext[Any, Any], call_next: Ca
     if tools is None:
         return result
     return result.model_copy(update={"tools": [t for t in tools if not _is_app_only(t)]})
-

@@ -268,7 +268,9 @@ class TasksExtension(Extension):
             )
             return _task_fields(working)
         if job.status == "cancelled":
-            settled = await self._settle(record, "cancelled", f"cancelled; {len(job.saved)} image(s) received were saved")
+            settled = await self._settle(
+                record, "cancelled", f"cancelled; {len(job.saved)} image(s) received were saved"
+            )
             return _task_fields(settled)
         if job.status == "failed" or job.result is None:
             # A tool error is a completed task whose result has isError (the spec keeps "failed"
@@ -318,4 +320,3 @@ class TasksExtension(Extension):
         )
         settled = await self._settle(record, "completed", f"{len(saved)} image(s) saved")
         return {**_task_fields(settled), "result": _dump(result)}
-

@@ -112,7 +112,8 @@ async def test_gallery_pages_newest_first_and_filters_by_prompt_and_model(tmp_pa
             result = await client.call_tool("generate_image", {"prompt": f"{'fox' if i % 2 else 'owl'} number {i}"})
             made.append(result.structured_content["images"][0]["uri"])
         pages = [
-            (await client.call_tool("studio_gallery", {"page": p, "page_size": 2})).structured_content for p in (1, 2, 3)
+            (await client.call_tool("studio_gallery", {"page": p, "page_size": 2})).structured_content
+            for p in (1, 2, 3)
         ]
         foxes = (await client.call_tool("studio_gallery", {"text": "FOX"})).structured_content
         by_model = (await client.call_tool("studio_gallery", {"model": "offline"})).structured_content
@@ -174,4 +175,3 @@ async def test_studio_image_gives_the_variants_of_one_job(tmp_path: Path, mode: 
     assert sorted(s["uri"] for s in rel["siblings"]) == sorted(uris)
     assert rel["image"]["uri"] == uris[1] and [r["uri"] for r in rel["lineage"]] == [uris[1]]
     assert missing.is_error and "no saved image" in text_of(missing)
-

@@ -222,9 +222,7 @@ async def test_the_gallery_pages_and_filters(tmp_path: Path) -> None:
         await studio.app.locator("#gallery-text").fill("lighthouse")
         await studio.app.locator("#gallery-search").click()
         await studio.wait("#gallery-grid[data-state='ready'][data-page='1'] .tile")
-        await studio.wait_true(
-            "() => document.querySelectorAll('#gallery-grid .tile').length === 5", in_app=True
-        )
+        await studio.wait_true("() => document.querySelectorAll('#gallery-grid .tile').length === 5", in_app=True)
         assert await tiles.evaluate_all("(ts) => ts.map(t => t.dataset.uri)") == [made[i] for i in (12, 9, 6, 3, 0)]
 
         await tiles.first.click()
@@ -289,6 +287,27 @@ async def test_a_painted_mask_reaches_the_gateway_and_the_edit_shows_in_place(
         assert await studio.app.locator("#ba-before").get_attribute("data-uri") == original
         assert await studio.app.locator("#ba-after").get_attribute("data-uri") == edited
         await studio.screenshot("before-after")
+
+        # Another round on the edit, inverted: paint a spot, invert, so all but the spot changes.
+        await studio.app.locator("#tab-mask").click()
+        await studio.app.locator("#tool-brush").check()
+        await studio.app.locator("#mask-clear").click()
+        box = await canvas.bounding_box()
+        assert box is not None
+        await mouse.click(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.3)
+        await studio.app.locator("#mask-invert").click()
+        await studio.app.locator("#mask-prompt").fill("night time")
+        await studio.app.locator("#mask-apply").click()
+        await studio.wait_true(
+            "(old) => { const v = document.getElementById('view-mask');"
+            " return v.dataset.state === 'done' && v.dataset.result !== old; }",
+            edited,
+            in_app=True,
+        )
+        [inverted] = emu.requests_to("/images/edits")[edits_before + 1 :]
+        alpha = Image.open(io.BytesIO(inverted.files["mask"][0].data)).getchannel("A")
+        assert alpha.getpixel((int(1024 * 0.7), int(1024 * 0.3))) == 255  # the painted spot is kept
+        assert alpha.getpixel((int(1024 * 0.2), int(1024 * 0.8))) == 0  # everything else changes
 
 
 async def test_a_dropped_or_pasted_file_is_stored_for_the_agent(tmp_path: Path) -> None:
@@ -390,4 +409,3 @@ async def test_a_running_job_shows_progress_then_its_images(tmp_path: Path) -> N
                 await studio.screenshot("job-done")
         finally:
             release()
-

@@ -199,9 +199,7 @@ async def test_a_client_that_does_not_declare_tasks_keeps_todays_results(
     assert not (tmp_path / "out" / ".mcp-imagegen" / "tasks").exists()
 
 
-async def test_cancel_stops_a_task_whose_request_was_not_sent(
-    tmp_path: Path, emu: OpenAIEmulator, gate: Gate
-) -> None:
+async def test_cancel_stops_a_task_whose_request_was_not_sent(tmp_path: Path, emu: OpenAIEmulator, gate: Gate) -> None:
     # One request at a time on this endpoint: the second task waits, unsent, behind the first.
     settings = settings_for(tmp_path, emu, max_concurrency=1)
     async with connect(settings, extensions=[TasksClient()]) as client:
