@@ -16,7 +16,7 @@ import io
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ def browser_available() -> None:
 
 
 @pytest.fixture(scope="module")
-def openai_emulator() -> AsyncIterator[OpenAIEmulator]:
+def openai_emulator() -> Iterator[OpenAIEmulator]:
     emu = OpenAIEmulator().start()
     try:
         yield emu
