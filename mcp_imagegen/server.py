@@ -685,7 +685,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         lifespan=lifespan,
         # The image studio (MCP Apps) and tasks (2026-07-28) for clients that declare them.
         extensions=[studio.studio_app(holder), tasks.TasksExtension(holder)],
-        middleware=[studio.hide_app_only_tools],
+        middleware=[studio.hide_app_parts],
     )
 
     @server.resource(

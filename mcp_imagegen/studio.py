@@ -6,8 +6,8 @@ following a running job. The app reaches the server only through its host (`tool
 `resources/read`), so it needs nothing beyond the default CSP.
 
 Three tools exist for the app alone (`_meta.ui.visibility = ["app"]`): hosts keep them from the
-model, and `hide_app_only_tools` keeps them out of `tools/list` for clients that did not declare
-Apps, so those clients see exactly the tools they saw before.
+model, and `hide_app_parts` keeps them, and the page itself, out of `tools/list` and
+`resources/list` for clients that did not declare Apps, so those list what they listed before.
 """
 
 from __future__ import annotations
@@ -199,14 +199,29 @@ def _is_app_only(tool: Any) -> bool:
     return isinstance(visibility, list) and "model" not in visibility
 
 
-async def hide_app_only_tools(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-    """Middleware: `tools/list` leaves out app-only tools for clients that did not declare Apps."""
+def _is_app_page(resource: Any) -> bool:
+    uri = resource.get("uri") if isinstance(resource, dict) else getattr(resource, "uri", "")
+    return str(uri).startswith("ui://")
+
+
+# What a client that did not declare Apps is not shown: list method -> (field, is hidden).
+_HIDDEN: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "tools/list": ("tools", _is_app_only),
+    "resources/list": ("resources", _is_app_page),
+}
+
+
+async def hide_app_parts(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """Middleware: for clients that did not declare Apps, `tools/list` leaves out the app-only
+    tools and `resources/list` the studio's page, so they list what they listed before."""
     result = await call_next(ctx)
-    if ctx.method != "tools/list" or result is None or client_supports_apps(ctx):
+    hidden = _HIDDEN.get(ctx.method)
+    if hidden is None or result is None or client_supports_apps(ctx):
         return result
+    field, is_hidden = hidden
     if isinstance(result, dict):
-        return {**result, "tools": [t for t in result.get("tools", []) if not _is_app_only(t)]}
-    tools = getattr(result, "tools", None)
-    if tools is None:
+        return {**result, field: [x for x in result.get(field, []) if not is_hidden(x)]}
+    items = getattr(result, field, None)
+    if items is None:
         return result
-    return result.model_copy(update={"tools": [t for t in tools if not _is_app_only(t)]})
+    return result.model_copy(update={field: [x for x in items if not is_hidden(x)]})

@@ -64,14 +64,18 @@ def text_of(result: CallToolResult) -> str:
 async def test_a_client_without_apps_sees_the_tools_it_saw_before(tmp_path: Path, mode: str) -> None:
     async with connect(settings_for(tmp_path), mode, apps=False) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
+        listed = [str(r.uri) for r in (await client.list_resources()).resources]
     assert set(tools) == MODEL_TOOLS
+    assert listed == ["imagegen://images"]  # the studio's ui:// page is not listed to it
 
 
 async def test_an_apps_client_gets_the_studio_bound_to_generate_and_edit(tmp_path: Path, mode: str) -> None:
     async with connect(settings_for(tmp_path), mode, apps=True) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         page = await client.read_resource(APP_URI)
+        listed = [str(r.uri) for r in (await client.list_resources()).resources]
     assert set(tools) == MODEL_TOOLS | APP_TOOLS
+    assert APP_URI in listed
     for name in ("generate_image", "edit_image"):
         assert tools[name].meta == {"ui": {"resourceUri": APP_URI}}
     for name in APP_TOOLS:
