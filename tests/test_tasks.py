@@ -107,10 +107,10 @@ def gate(emu: OpenAIEmulator) -> Iterator[Gate]:
         g.release()
 
 
-def settings_for(tmp_path: Path, emu: OpenAIEmulator, **endpoint: Any) -> Settings:
+def settings_for(tmp_path: Path, emu: OpenAIEmulator, deadline_s: float = 1.0, **endpoint: Any) -> Settings:
     oa = EndpointConfig(name="oa", provider="openai", base_url=emu.base_url, **endpoint)
     oa.api_key = SecretStr(DEFAULT_API_KEY)
-    return Settings(output_dir=tmp_path / "out", endpoints=[oa], tool_deadline_s=1.0)
+    return Settings(output_dir=tmp_path / "out", endpoints=[oa], tool_deadline_s=deadline_s)
 
 
 @asynccontextmanager
@@ -151,9 +151,11 @@ def terminal(task: DetailedTask) -> bool:
 async def test_a_declaring_client_gets_a_task_it_can_follow_to_the_images(
     tmp_path: Path, emu: OpenAIEmulator, gate: Gate
 ) -> None:
-    settings = settings_for(tmp_path, emu)
+    # A tool deadline far beyond the wait below: the task answer must not wait for the deadline.
+    settings = settings_for(tmp_path, emu, deadline_s=600)
     async with connect(settings, extensions=[TasksClient()]) as client:
-        handle = await start_task(client)
+        with anyio.fail_after(60):
+            handle = await start_task(client)
         # Durable before its id was returned: the record is on disk already.
         assert (tmp_path / "out" / ".mcp-imagegen" / "tasks" / f"{handle.task_id}.json").is_file()
         assert handle.status == "working" and handle.ttl_ms and handle.poll_interval_ms
@@ -165,7 +167,7 @@ async def test_a_declaring_client_gets_a_task_it_can_follow_to_the_images(
         done = await until(client, handle.task_id, terminal)
         assert done.status == "completed"
         result = CallToolResult.model_validate(done.result)
-        assert not result.is_error
+        assert not result.is_error, result.content
         [image] = result.structured_content["images"]
         assert Path(image["path"]).is_file()
         # The same job through get_image.
