@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Operation = Literal["generate", "edit"]
+# How a saved image came to be: made by a gateway, or brought in by the person (the studio app).
+Origin = Literal["generate", "edit", "import"]
 Capability = Literal["generate", "edit", "mask", "multi_image"]
 CAPABILITIES: tuple[Capability, ...] = ("generate", "edit", "mask", "multi_image")
 
@@ -105,7 +107,7 @@ class ImageRecord(SavedImage):
     """A saved image with the metadata that outlives the process."""
 
     prompt: str
-    operation: Operation
+    operation: Origin
     model: str
     endpoint: str
     provider: str

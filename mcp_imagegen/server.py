@@ -33,7 +33,7 @@ from mcp_types import Resource as MCPResource
 from mcp_types import ResourceTemplate as MCPResourceTemplate
 from pydantic import AnyUrl, Field, ValidationError
 
-from . import __version__, results
+from . import __version__, results, studio, tasks
 from .config import Settings
 from .errors import ImageGenError, InputNotFoundError, InvalidRequestError
 from .models import ImageRecord, ImageRequest, given_knobs
@@ -467,7 +467,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         job = svc.submit(request, progress=progress.service_report)
         started = time.monotonic()
         try:
-            result = await _await_job(job, settings.tool_deadline_s, progress, "generating")
+            result = await _await_job(job, tasks.answer_within(settings.tool_deadline_s), progress, "generating")
         except anyio.get_cancelled_exc_class():
             # Plain calls, no awaits: nothing here can be interrupted by the cancellation.
             progress.close()
@@ -710,8 +710,10 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         return results.models_result(models, warnings)
 
     tools = [
-        _Tool.from_function(generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS),
-        _Tool.from_function(edit_image, title="Edit images", annotations=EDIT_ANNOTATIONS),
+        _Tool.from_function(
+            generate_image, title="Generate images", annotations=GENERATE_ANNOTATIONS, meta=studio.TOOL_META
+        ),
+        _Tool.from_function(edit_image, title="Edit images", annotations=EDIT_ANNOTATIONS, meta=studio.TOOL_META),
         _Tool.from_function(get_image, title="Get a generation's images", annotations=GET_ANNOTATIONS),
         _Tool.from_function(list_models, title="List image models", annotations=LIST_ANNOTATIONS),
     ]
@@ -723,6 +725,9 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         instructions=INSTRUCTIONS,
         tools=tools,
         lifespan=lifespan,
+        # The image studio (MCP Apps) and tasks (2026-07-28) for clients that declare them.
+        extensions=[studio.studio_app(holder), tasks.TasksExtension(holder)],
+        middleware=[studio.hide_app_parts],
     )
 
     @server.resource(

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from .config import OUTPUT_DIR_ENV
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
 from .jobs import JobBook
-from .models import ImageRecord, Operation
+from .models import ImageRecord, Origin
 from .recovery import LiveLock, recover
 
 log = logging.getLogger("mcp_imagegen.store")
@@ -207,7 +207,7 @@ class ImageStore:
         width: int,
         height: int,
         prompt: str,
-        operation: Operation,
+        operation: Origin,
         model: str,
         endpoint: str,
         provider: str,
