@@ -29,7 +29,9 @@ EXIT_WAIT_S = 1.0  # a server that closed its stdout and still runs is finishing
 
 
 def wanted() -> bool:
-    return os.name == "posix" and not os.environ.get(WORKER_ENV)
+    # A terminal on stdin is a person trying the command, not a host that kills process groups:
+    # the server runs in place and tells them what it is waiting for.
+    return os.name == "posix" and not os.environ.get(WORKER_ENV) and not os.isatty(0)
 
 
 _VALUE_OPTIONS = frozenset({"--transport", "--host", "--port", "--auth-token", "--log-level"})
