@@ -443,7 +443,7 @@ def _released_at_exit(emu: Any) -> Iterator[None]:
 
 async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, emulator: Any) -> None:
     slow = emulator("openai", api_key=SECRET_KEY)
-    fast = emulator("modelmax", api_key=SECRET_KEY)
+    fast = emulator("llm-vin", api_key=SECRET_KEY)
     settings = make_settings(
         tmp_path,
         [
@@ -477,8 +477,8 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
         start = anyio.current_time()
 
         async def one(i: int, endpoint: str) -> None:
-            # imagen-3's small images on the fast gateway (its default makes 2048 px ones).
-            model = None  # each endpoint's default
+            # A named model on the held gateway: its default would wait for discovery, which it holds too.
+            model = "gpt-image-2" if endpoint == "openai" else None
             request = ImageRequest(operation="generate", prompt=f"p{i}", endpoint=endpoint, model=model)
             result = await service.generate(request)
             assert len(result.images) == 1
@@ -490,10 +490,10 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
                 for i in range(20):
                     tg.start_soon(one, i, "openai")
                 for i in range(80):
-                    tg.start_soon(one, i, "modelmax")
+                    tg.start_soon(one, i, "llm-vin")
                 # The slow gateway's queue (20 calls, 4 at a time, none answered) does not hold up
                 # the fast one.
-                while sum(key.startswith("modelmax") for key in done) < 80 or slow.in_flight < 4:
+                while sum(key.startswith("llm-vin") for key in done) < 80 or slow.in_flight < 4:
                     await anyio.sleep(0.02)
                 assert not any(key.startswith("openai") for key in done)
                 assert slow.in_flight == 4  # its limit, and no more
