@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -384,25 +384,38 @@ INIT = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+SERVING_AT = re.compile(rb"serving MCP \(streamable HTTP\) at (http://\S+/mcp)")
 
 
 @contextmanager
 def http_server(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    stderr = (tmp_path / "http-stderr.log").open("ab")
+    # Port 0: the server binds a free port itself and says which (no window for another process
+    # to take a port picked in advance).
+    log = tmp_path / "http-stderr.log"
+    stderr = log.open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mcp_imagegen", "--transport", "http", "--port", str(port)],
+        [sys.executable, "-m", "mcp_imagegen", "--transport", "http", "--port", "0"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         cwd=tmp_path,
         env=env,
     )
-    url = f"http://127.0.0.1:{port}/mcp"
+
+    def announced() -> bool:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        return SERVING_AT.search(log.read_bytes()) is not None
+
+    try:
+        wait_for(announced, "the HTTP server to say where it listens")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        stderr.close()
+        raise
+    found = SERVING_AT.search(log.read_bytes())
+    assert found is not None
+    url = found.group(1).decode()
 
     def up() -> bool:
         assert proc.poll() is None, (tmp_path / "http-stderr.log").read_text()[-2000:]
