@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -287,10 +288,7 @@ async def test_a_slow_body_is_cut_off(tmp_path: Path) -> None:
 # --- running out of file descriptors -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVING_AT = re.compile(rb"serving MCP \(streamable HTTP\) at http://127\.0\.0\.1:(\d+)/mcp")
 
 
 def limit_descriptors(n: int) -> Callable[[], None]:
@@ -313,30 +311,29 @@ async def test_more_sockets_than_descriptors_leave_the_server_serving(tmp_path: 
     )
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
     env.update({"MCP_IMAGEGEN_CONFIG": str(config), "PYTHONPATH": str(REPO), "MCP_IMAGEGEN_LOG_LEVEL": "INFO"})
-    port = free_port()
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mcp_imagegen", "serve", "--transport", "http", "--port", str(port)],
+            # Port 0: the server binds a free port itself and says which on stderr.
+            [sys.executable, "-m", "mcp_imagegen", "serve", "--transport", "http", "--port", "0"],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=env,
             cwd=tmp_path,
             preexec_fn=limit_descriptors(limit),
         )
-    origin = f"http://127.0.0.1:{port}"
     stalled: list[socket.socket] = []
     try:
 
-        def up() -> bool:
+        def announced() -> bool:
             assert proc.poll() is None, stderr_path.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
+            return SERVING_AT.search(stderr_path.read_bytes()) is not None
 
-        wait_for(up, "the server to listen")
+        wait_for(announced, "the server to say where it listens")
+        found = SERVING_AT.search(stderr_path.read_bytes())
+        assert found is not None
+        port = int(found.group(1))
+        origin = f"http://127.0.0.1:{port}"
         with anyio.fail_after(120):
             # Far more stalled connections (half-sent headers, never finished) than descriptors.
             for _ in range(limit * 2):
