@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -212,10 +211,8 @@ def test_the_http_quickstart_runs(tmp_path: Path) -> None:
     quick = section("Quickstarts")
     [command] = [b.strip() for b in code_blocks(quick, "bash") if "--transport http" in b]
     [snippet] = [b for b in code_blocks(quick, "python") if "streamable_http_client" in b]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    command = command.replace(CLONE_COMMAND, installed_command()).replace("8000", port)
+    # Port 0: the server binds a free port itself and says which (no race for a port picked here).
+    command = command.replace(CLONE_COMMAND, installed_command()).replace("--port 8000", "--port 0")
     server = subprocess.Popen(
         ["bash", "-c", f"exec env {command}"],  # (env: runs `VAR=value cmd` as the shell would)
         stdin=subprocess.DEVNULL,
@@ -230,7 +227,9 @@ def test_the_http_quickstart_runs(tmp_path: Path) -> None:
             line = server.stderr.readline()
             assert line, f"server exited: {said.decode()}"
             said += line
-        assert f"http://127.0.0.1:{port}/mcp".encode() in said
+        found = re.search(rb"http://127\.0\.0\.1:(\d+)/mcp", said)
+        assert found is not None, said.decode()
+        port = found.group(1).decode()
         script = tmp_path / "agent.py"
         script.write_text(snippet.replace("8000", port))
         done = subprocess.run(
