@@ -61,6 +61,34 @@ class EndpointConfig(BaseModel):
         return v.rstrip("/") if v else v
 
 
+class OAuthScopes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generate: str = Field(default="images:generate", description="Scope that lets a token generate and edit images.")
+    read: str = Field(default="images:read", description="Scope that lets a token read its images and jobs.")
+
+
+class OAuthSettings(BaseModel):
+    """`[oauth]`: the HTTP transports as an OAuth 2.1 resource server (see oauth.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str = Field(description="The authorization server's issuer URL, exactly as tokens carry it in `iss`.")
+    resource: str = Field(
+        description="This server's own URL as clients reach it (e.g. https://images.example.com/mcp); tokens "
+        "must carry it in `aud` (RFC 8707)."
+    )
+    scopes: OAuthScopes = Field(default_factory=OAuthScopes)
+    clock_skew_s: float = Field(default=30.0, ge=0, le=300, description="Leeway on `exp` and `nbf`.")
+
+    @field_validator("issuer", "resource")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with https:// (or http:// on a test network)")
+        return v
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +136,9 @@ class Settings(BaseModel):
         default=1800.0,
         gt=0,
         description="Streamable HTTP: a session with no request in flight for this long is closed.",
+    )
+    oauth: OAuthSettings | None = Field(
+        default=None, description="Sign people in through an OAuth 2.1 authorization server (HTTP transports)."
     )
     source: Path | None = Field(default=None, exclude=True, description="The file these settings came from.")
 
