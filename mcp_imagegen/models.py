@@ -112,6 +112,7 @@ class ImageRecord(SavedImage):
     parent_ids: list[str] = Field(default_factory=list)
     created_at: str  # ISO 8601, UTC
     job_id: str | None = None
+    owner: str = "local"  # owners.py: the person it belongs to; older records are the local owner's
 
 
 class ModelInfo(BaseModel):

@@ -48,6 +48,7 @@ from .models import (
     WireImage,
     WireResult,
 )
+from .owners import acting_as, current_owner
 from .store import ImageStore
 from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
@@ -258,7 +259,7 @@ class ImageService:
     def job(self, job_id: str) -> Job:
         """A job of this process (running or recently finished)."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or job.owner != current_owner():
             raise self._no_job(job_id)
         return job
 
@@ -267,9 +268,11 @@ class ImageService:
         restart): finished, or known to be interrupted, or still running elsewhere."""
         job = self._jobs.get(job_id)
         if job is not None:
+            if job.owner != current_owner():  # another person's job is answered as no job at all
+                raise self._no_job(job_id)
             return job
         record = await on_disk(lambda: self.store.jobs.read(job_id))
-        if record is None:
+        if record is None or record.owner != current_owner():
             raise self._no_job(job_id)
         return await on_disk(lambda: self._job_from_record(record))
 
@@ -285,7 +288,7 @@ class ImageService:
         from .models import ImageRequest as Request
 
         request = Request(operation=record.operation, prompt=record.prompt, n=record.n)  # type: ignore[arg-type]
-        job = Job(id=record.id, request=request, warnings=list(record.warnings))
+        job = Job(id=record.id, request=request, warnings=list(record.warnings), owner=record.owner)
         job.usage, job.cost, job.balance, job.created_at = record.usage, record.cost, record.balance, record.created_at
         for image_id in record.image_ids:
             try:
@@ -333,6 +336,10 @@ class ImageService:
             del self._jobs[old.id]
 
     async def _run_job(self, job: Job) -> None:
+        with acting_as(job.owner):  # its inputs and lineage are read, and its images saved, as its owner's
+            await self._run_job_as_owner(job)
+
+    async def _run_job_as_owner(self, job: Job) -> None:
         await self._persist(job)
         try:
             job.result = await self._execute(job)
@@ -671,6 +678,7 @@ class ImageService:
                 parent_ids=[img.image_id for img in request.images if img.image_id],
                 revised_prompt=revised_prompt or None,
                 job_id=job.id,
+                owner=job.owner,
             )
 
         async def save_or_keep() -> ImageRecord:

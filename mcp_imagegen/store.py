@@ -26,6 +26,7 @@ from .config import OUTPUT_DIR_ENV
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
 from .jobs import JobBook
 from .models import ImageRecord, Operation
+from .owners import current_owner
 from .recovery import LiveLock, recover
 
 log = logging.getLogger("mcp_imagegen.store")
@@ -215,8 +216,10 @@ class ImageStore:
         parent_ids: list[str] | None = None,
         revised_prompt: str | None = None,
         job_id: str | None = None,
+        owner: str | None = None,
     ) -> ImageRecord:
-        """Write the bytes as given (no re-encoding) and their record; returns the record."""
+        """Write the bytes as given (no re-encoding) and their record (owned by `owner`, else the
+        caller, see owners.py); returns the record."""
         from .images import EXTENSIONS  # Pillow loads on the first save, not at start-up
 
         ext = EXTENSIONS.get(mime_type)
@@ -248,6 +251,7 @@ class ImageStore:
             parent_ids=list(parent_ids or []),
             created_at=now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             job_id=job_id,
+            owner=owner or current_owner(),
         )
         try:
             self._write_atomic(path, data)
@@ -282,10 +286,13 @@ class ImageStore:
             raise InputNotFoundError(f"the record of image {image_id!r} is damaged and cannot be used") from None
 
     def get(self, image_id: str) -> ImageRecord:
-        """The record of a saved image whose file is still there."""
+        """The record of a saved image whose file is still there, if it is the caller's: another
+        person's image is answered exactly as one that does not exist (owners.py)."""
         if not is_valid_id(image_id):  # checked before any path is built from it
             raise self._unknown(str(image_id))
         record = self._read_record(image_id)
+        if record.owner != current_owner():
+            raise self._unknown(image_id)
         if not Path(record.path).is_file():
             # The whole folder may have been moved: the file then sits beside its records.
             moved = self.output_dir / Path(record.path).name

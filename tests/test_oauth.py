@@ -7,6 +7,7 @@ in uvicorn on a free loopback port; the SDK's streamable HTTP client carries the
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -205,3 +206,95 @@ async def test_rotated_signing_keys_are_fetched_again(
                     stale = await http.post(resource, json=INIT, headers=headers)
                     assert stale.status_code == 401
                     assert "key the issuer does not publish" in challenge(stale)["error_description"]
+
+
+# --- each person's images are their own ---------------------------------------------------------
+
+
+async def _refused(client: Client, tool: str, arguments: dict[str, Any]) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, f"{tool} {arguments} answered another person's data: {texts(result)}"
+    return texts(result)
+
+
+async def _image_uris(client: Client) -> set[str]:
+    listed = await client.list_resources()
+    return {str(r.uri) for r in listed.resources if str(r.uri).startswith("imagegen://images/")}
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+async def test_people_cannot_reach_each_others_images_by_any_route(
+    tmp_path: Path, issuer: AuthServer, stateless: bool
+) -> None:
+    with bound_socket() as sock:
+        port = sock.getsockname()[1]
+    resource = f"http://127.0.0.1:{port}/mcp"
+    settings = settings_for(tmp_path, oauth=OAuthSettings(issuer=issuer.issuer, resource=resource, clock_skew_s=0))
+    alice_token, bob_token = issuer.token("alice", resource, BOTH), issuer.token("bob", resource, BOTH)
+    sock = bound_socket_at(port)
+    app = http_app(settings, host="127.0.0.1", port=port, stateless=stateless)
+    with serve(app, sock), anyio.fail_after(120):
+        async with mcp_client(resource, alice_token) as alice:
+            made = await alice.call_tool("generate_image", {"prompt": "alice's fox", "size": "32x32"})
+            assert not made.is_error, texts(made)
+            [image] = made.structured_content["images"]
+            job_id = json.loads((tmp_path / "out" / ".mcp-imagegen" / f"{image['id']}.json").read_text())["job_id"]
+            assert job_id
+            edited = await alice.call_tool("edit_image", {"prompt": "bluer", "images": image["uri"]})
+            assert not edited.is_error, texts(edited)
+            [child] = edited.structured_content["images"]
+            # Alice reaches her own images by every route (the control for what Bob is refused).
+            assert {image["uri"], child["uri"]} <= await _image_uris(alice)
+            assert (await alice.read_resource(image["uri"])).contents
+            assert not (await alice.call_tool("get_image", {"image": image["uri"]})).is_error
+            assert not (await alice.call_tool("get_image", {"job_id": job_id})).is_error
+
+        async with mcp_client(resource, bob_token) as bob:
+            assert await _image_uris(bob) == set()
+            recent = await bob.read_resource("imagegen://images")
+            assert image["id"] not in recent.contents[0].text and child["id"] not in recent.contents[0].text
+            for uri in (image["uri"], child["uri"]):
+                with pytest.raises(Exception) as refused:
+                    await bob.read_resource(uri)
+                assert "forbidden" not in str(refused.value).lower()
+                said = await _refused(bob, "get_image", {"image": uri})
+                assert "no saved image" in said and "forbidden" not in said.lower()
+                said = await _refused(bob, "edit_image", {"prompt": "mine now", "images": uri})
+                assert "no saved image" in said
+                said = await _refused(bob, "edit_image", {"prompt": "mine now", "images": image["uri"], "mask": uri})
+                assert "no saved image" in said
+            said = await _refused(bob, "edit_image", {"prompt": "by path", "images": image["path"]})
+            assert "cannot name files on the server" in said
+            said = await _refused(bob, "get_image", {"job_id": job_id})
+            assert "no job" in said
+            # Bob's own work stays his: he sees it, and Alice's listing does not.
+            own = await bob.call_tool("generate_image", {"prompt": "bob's owl", "size": "32x32"})
+            assert not own.is_error, texts(own)
+            [bobs] = own.structured_content["images"]
+            assert await _image_uris(bob) == {bobs["uri"]}
+
+        async with mcp_client(resource, alice_token) as alice:
+            assert bobs["uri"] not in await _image_uris(alice)
+
+    # Another server on the same folder knows the job only by its record on disk: still hers alone.
+    with bound_socket() as other:
+        other_port = other.getsockname()[1]
+    second = http_app(settings, host="127.0.0.1", port=other_port, stateless=stateless)
+    with serve(second, bound_socket_at(other_port)), anyio.fail_after(120):
+        origin = f"http://127.0.0.1:{other_port}/mcp"
+        async with mcp_client(origin, bob_token) as bob:
+            said = await _refused(bob, "get_image", {"job_id": job_id})
+            assert "no job" in said
+        async with mcp_client(origin, alice_token) as alice:
+            collected = await alice.call_tool("get_image", {"job_id": job_id})
+            assert not collected.is_error, texts(collected)
+            assert [i["uri"] for i in collected.structured_content["images"]] == [image["uri"]]
+
+
+def bound_socket_at(port: int) -> Any:
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
