@@ -89,6 +89,18 @@ class OAuthSettings(BaseModel):
         return v
 
 
+class SpendingSettings(BaseModel):
+    """`[spending]`: daily limits in US dollars, checked before anything is sent (see spending.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    person_usd_per_day: float | None = Field(default=None, ge=0, description="What one person may spend per UTC day.")
+    server_usd_per_day: float | None = Field(default=None, ge=0, description="What everyone together may spend per UTC day.")
+    unpriced_image_usd: float = Field(
+        default=0.10, ge=0, description="The estimate for one image of a model in no known price family."
+    )
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -137,6 +149,7 @@ class Settings(BaseModel):
         gt=0,
         description="Streamable HTTP: a session with no request in flight for this long is closed.",
     )
+    spending: SpendingSettings = Field(default_factory=SpendingSettings)
     oauth: OAuthSettings | None = Field(
         default=None, description="Sign people in through an OAuth 2.1 authorization server (HTTP transports)."
     )

@@ -49,6 +49,7 @@ from .models import (
     WireResult,
 )
 from .owners import acting_as, current_owner
+from .spending import FolderSpendBook, Spending
 from .store import ImageStore
 from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
@@ -88,6 +89,7 @@ class ImageService:
         self._make_previews = previews
         self._previews: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self.store = ImageStore(settings.output_dir)
+        self.spending = Spending(settings.spending, FolderSpendBook(self.store.meta_dir))
         self._stack = AsyncExitStack()
         self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
         self._catalog = ModelCatalog(settings, None)
@@ -386,6 +388,11 @@ class ImageService:
             has_mask=request.mask is not None,
             n_images=len(request.images),
         )
+        # Before anything is sent: the estimate must fit the day's limits (spending.py).
+        async with self.spending.hold(job, routes[0].model.id, routes[0].endpoint.provider):
+            return await self._on_routes(job, routes)
+
+    async def _on_routes(self, job: Job, routes: list[Route]) -> GenerationResult:
         failures: list[str] = []
         for i, route in enumerate(routes):
             try:
