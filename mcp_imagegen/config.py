@@ -101,6 +101,25 @@ class SpendingSettings(BaseModel):
     )
 
 
+class StorageSettings(BaseModel):
+    """`[storage]`: where images, records and jobs live when several replicas share them (storage.py).
+
+    Credentials never go in the file: the S3 client reads the standard AWS variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), and the Redis URL (which may hold a password)
+    comes from the variable `redis_url_env` names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    s3_bucket: str | None = Field(default=None, description="Keep images and records in this S3 bucket.")
+    s3_endpoint_url: str | None = Field(default=None, description="For S3-compatible stores (R2, MinIO, Ceph).")
+    s3_region: str | None = Field(default=None, description="The bucket's region.")
+    s3_prefix: str = Field(default="mcp-imagegen/", description="Key prefix for everything this server writes.")
+    presign_ttl_s: int = Field(default=3600, ge=60, le=604800, description="Lifetime of image links in results.")
+    redis_url_env: str = Field(
+        default="MCP_IMAGEGEN_REDIS_URL", description="Variable holding the Redis URL for shared job state."
+    )
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -150,6 +169,7 @@ class Settings(BaseModel):
         description="Streamable HTTP: a session with no request in flight for this long is closed.",
     )
     spending: SpendingSettings = Field(default_factory=SpendingSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     oauth: OAuthSettings | None = Field(
         default=None, description="Sign people in through an OAuth 2.1 authorization server (HTTP transports)."
     )

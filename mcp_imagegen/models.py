@@ -98,6 +98,7 @@ class SavedImage(BaseModel):
     height: int
     bytes: int
     revised_prompt: str | None = None
+    url: str | None = None  # a presigned link where images live in a bucket, made fresh on each read
 
 
 class ImageRecord(SavedImage):

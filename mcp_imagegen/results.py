@@ -55,6 +55,9 @@ class ImageOut(BaseModel):
     height: int
     bytes: int = Field(description="Size of the saved file in bytes.")
     revised_prompt: str | None = Field(default=None, description="The prompt as the model rewrote it, if it did.")
+    url: str | None = Field(
+        default=None, description="A time-limited link to the full image, where images live in a bucket."
+    )
 
 
 class ImageToolResult(BaseModel):

@@ -49,8 +49,8 @@ from .models import (
     WireResult,
 )
 from .owners import acting_as, current_owner
-from .spending import FolderSpendBook, Spending
-from .store import ImageStore
+from .spending import Spending
+from .storage import job_alive, keeping_alive, open_storage
 from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
 log = logging.getLogger("mcp_imagegen.service")
@@ -88,8 +88,8 @@ class ImageService:
         self.settings = settings
         self._make_previews = previews
         self._previews: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
-        self.store = ImageStore(settings.output_dir)
-        self.spending = Spending(settings.spending, FolderSpendBook(self.store.meta_dir))
+        self.store, spend_book = open_storage(settings)  # a folder, or a bucket and Redis (storage.py)
+        self.spending = Spending(settings.spending, spend_book)
         self._stack = AsyncExitStack()
         self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
         self._catalog = ModelCatalog(settings, None)
@@ -298,7 +298,7 @@ class ImageService:
             except ImageGenError:
                 job.warnings.append(f"image {image_id} of this job was deleted or moved since")
         status = record.status
-        if status == "running" and not record.owner_alive():
+        if status == "running" and not job_alive(self.store.jobs, record):
             status = "interrupted"
         if status == "running":
             # Still running in another server process (e.g. one finishing its work after its host
@@ -339,7 +339,8 @@ class ImageService:
 
     async def _run_job(self, job: Job) -> None:
         with acting_as(job.owner):  # its inputs and lineage are read, and its images saved, as its owner's
-            await self._run_job_as_owner(job)
+            async with keeping_alive(self.store.jobs, job.id):  # other replicas see it is alive
+                await self._run_job_as_owner(job)
 
     async def _run_job_as_owner(self, job: Job) -> None:
         await self._persist(job)

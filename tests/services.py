@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,3 +99,98 @@ def auth_server(clients: list[dict[str, Any]], port: int = 0) -> Iterator[AuthSe
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[Any]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Debian's redis-server on a free loopback port, nothing saved to disk; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("redis-server", "apt-get install redis-server")
+    for _attempt in range(5):  # the port is free when chosen; another process may take it first
+        port = _free_port()
+        process = subprocess.Popen(
+            [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+            deadline = time.monotonic() + 30
+            while process.poll() is None and time.monotonic() < deadline:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            if process.poll() is not None:
+                continue
+            yield f"redis://127.0.0.1:{port}/0"
+            return
+        finally:
+            _stop(process)
+    raise AssertionError("redis-server did not start on any of five free ports")
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    bucket: str
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+
+@contextmanager
+def s3_server(monkeypatch: pytest.MonkeyPatch, bucket: str = "team-images") -> Iterator[S3Server]:
+    """moto's S3 server (PyPI moto[server]) on a free loopback port, with one bucket."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError:
+        missing("moto[server] and boto3", "pip install -e '.[test]'")
+    for name, value in (("AWS_ACCESS_KEY_ID", "test-access"), ("AWS_SECRET_ACCESS_KEY", "test-secret")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        port = None
+        for line in process.stdout or []:
+            found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port is not None, "moto's S3 server did not start"
+        threading.Thread(target=lambda: [None for _ in process.stdout or []], daemon=True).start()
+        server = S3Server(f"http://127.0.0.1:{port}", bucket)
+        server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        _stop(process)

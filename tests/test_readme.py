@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mcp_imagegen.config import EndpointConfig, OAuthScopes, OAuthSettings, Settings, SpendingSettings
+from mcp_imagegen.config import EndpointConfig, OAuthScopes, OAuthSettings, Settings, SpendingSettings, StorageSettings
 from mcp_imagegen.manifests import available_providers, load_manifest
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -32,7 +32,7 @@ def _default(model: type[BaseModel], name: str) -> str:
 def settings_table() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        if field.exclude or name in ("endpoints", "oauth", "spending"):  # tables documented in their own sections
+        if field.exclude or name in ("endpoints", "oauth", "spending", "storage"):  # tables documented in their own sections
             continue
         rows.append(f"| `{name}` | {_default(Settings, name)} | {field.description} |")
     rows.append("| `[[endpoints]]` | see below | one table per gateway endpoint |")
@@ -67,10 +67,10 @@ def test_configuration_reference_matches_the_settings_model() -> None:
     assert table in README, "README's configuration table is out of date; expected:\n" + table
 
 
-def test_serving_a_team_documents_every_oauth_and_spending_key() -> None:
+def test_serving_a_team_documents_every_team_setting() -> None:
     section = README.split("## Serving a team", 1)[1].split("\n## ", 1)[0]
     keys = [name for name in OAuthSettings.model_fields if name != "scopes"] + [f"scopes.{n}" for n in OAuthScopes.model_fields]
-    for key in keys + list(SpendingSettings.model_fields):
+    for key in keys + list(SpendingSettings.model_fields) + list(StorageSettings.model_fields):
         assert f"`{key}`" in section, f"README's 'Serving a team' does not describe the setting {key}"
 
 
