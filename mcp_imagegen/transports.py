@@ -159,6 +159,9 @@ def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: 
         app.add_middleware(OAuthMiddleware, oauth=settings.oauth, max_body=_max_body(settings))
     elif auth_token:
         app.add_middleware(BearerAuthMiddleware, token=auth_token)
+    from .health import HealthRoutes
+
+    app.add_middleware(HealthRoutes, service=service)  # outermost: probes carry no token
     return app
 
 
