@@ -119,9 +119,18 @@ def _stop(process: subprocess.Popen[Any]) -> None:
             process.wait()
 
 
+@dataclass
+class RedisServer:
+    url: str
+    process: subprocess.Popen[Any]
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """Debian's redis-server on a free loopback port, nothing saved to disk; yields its URL."""
+def redis_server() -> Iterator[RedisServer]:
+    """Debian's redis-server on a free loopback port, nothing saved to disk, until the block ends."""
     binary = shutil.which("redis-server")
     if binary is None:
         missing("redis-server", "apt-get install redis-server")
@@ -145,7 +154,7 @@ def redis_server() -> Iterator[str]:
                     time.sleep(0.05)
             if process.poll() is not None:
                 continue
-            yield f"redis://127.0.0.1:{port}/0"
+            yield RedisServer(f"redis://127.0.0.1:{port}/0", process)
             return
         finally:
             _stop(process)

@@ -133,7 +133,8 @@ s3_region = "us-east-1"
 """,
         encoding="utf-8",
     )
-    with redis_server() as redis_url:
+    with redis_server() as redis:
+        redis_url = redis.url
         env = {
             **os.environ,
             "MCP_IMAGEGEN_CONFIG": str(config),

@@ -133,8 +133,8 @@ async def test_a_job_in_redis_is_seen_by_another_instance(
     tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     emu = emulator("openai", api_key=SECRET_KEY)
-    with redis_server() as url:
-        monkeypatch.setenv(REDIS_ENV, url)
+    with redis_server() as redis:
+        monkeypatch.setenv(REDIS_ENV, redis.url)
         # Two instances sharing one image folder; their jobs are only in Redis.
         first = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
         second = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
@@ -160,8 +160,8 @@ async def test_a_job_in_redis_is_seen_by_another_instance(
 
 async def test_spend_in_redis_is_shared(tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     emu = emulator("openai", api_key=SECRET_KEY)
-    with redis_server() as url:
-        monkeypatch.setenv(REDIS_ENV, url)
+    with redis_server() as redis:
+        monkeypatch.setenv(REDIS_ENV, redis.url)
         settings = [
             make_settings(tmp_path / name, [endpoint_for(emu, key=SECRET_KEY)], spending={"person_usd_per_day": 0.05})
             for name in ("a", "b")
