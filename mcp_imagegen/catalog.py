@@ -87,6 +87,8 @@ class ModelCatalog:
                 update["max_n"] = d.max_n
             if d.max_input_images:
                 update["max_input_images"] = d.max_input_images
+            if d.usd_per_image is not None:
+                update["usd_per_image"] = d.usd_per_image
             if base is None:
                 base = ModelSpec(id=d.id, capabilities=list(d.capabilities or ["generate"]))
             specs[d.id] = base.model_copy(update=update)
@@ -200,6 +202,18 @@ class ModelCatalog:
         first = routes[0]
         same = [r for r in routes[1:] if r.model.id == first.model.id]
         return [first, *same]
+
+    async def listed_price(self, ep: EndpointConfig, model: str) -> float | None:
+        """The per-image price the gateway's discovery lists for a model, if it lists one (spending
+        limits want it; the discovered list is cached for discovery_ttl_s)."""
+        if load_manifest(ep.provider).discovery is None:
+            return None
+        try:
+            await self.refresh(ep)
+        except ImageGenError as exc:
+            log.warning("discovery on %s failed: %s", ep.name, exc.message)
+        spec = self._specs(ep).get(model)
+        return spec.usd_per_image if spec is not None else None
 
     async def _find(self, ep: EndpointConfig, model: str) -> ModelSpec | None:
         spec = self._specs(ep).get(model)

@@ -120,6 +120,7 @@ class ModelSpec(_Strict):
     edit_formats: list[str] | None = None  # input formats the edit accepts, if narrower
     edit_square: bool = False  # dall-e-2 edits want a square image
     description: str = ""
+    usd_per_image: float | None = None  # what the gateway lists for one image (discovery); spending.py
 
 
 class Manifest(_Strict):

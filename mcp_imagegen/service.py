@@ -390,7 +390,9 @@ class ImageService:
             n_images=len(request.images),
         )
         # Before anything is sent: the estimate must fit the day's limits (spending.py).
-        async with self.spending.hold(job, routes[0].model.id, routes[0].endpoint.provider):
+        first = routes[0]
+        listed = await self._catalog.listed_price(first.endpoint, first.model.id) if self.spending.limited else None
+        async with self.spending.hold(job, first.model.id, first.endpoint.provider, listed):
             return await self._on_routes(job, routes)
 
     async def _on_routes(self, job: Job, routes: list[Route]) -> GenerationResult:

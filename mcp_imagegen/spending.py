@@ -69,9 +69,15 @@ def price_table() -> tuple[Price, ...]:
     return tuple(Price(**entry) for entry in raw["prices"])
 
 
-def estimate(model_id: str, provider: str, images: int, unpriced_usd: float) -> Estimate:
+def estimate(
+    model_id: str, provider: str, images: int, unpriced_usd: float, listed_usd: float | None = None
+) -> Estimate:
+    """What `images` images of a model will cost: the gateway's own listed price where it gives
+    one, else the model family's from the price table, else `unpriced_usd` each."""
     if provider == "offline":
         return Estimate(0.0, images, "the built-in renderer costs nothing")
+    if listed_usd is not None:
+        return Estimate(listed_usd, images, f"the price {provider} lists for {model_id}")
     for price in price_table():
         if re.search(price.pattern, model_id, re.IGNORECASE):
             return Estimate(price.usd_per_image, images, price.source)
@@ -153,11 +159,18 @@ class Spending:
         self._held: Counter[str] = Counter()  # owner -> USD held by running jobs (SERVER_TOTAL: all)
         self._lock = anyio.Lock()
 
+    @property
+    def limited(self) -> bool:
+        return self.settings.person_usd_per_day is not None or self.settings.server_usd_per_day is not None
+
     @asynccontextmanager
-    async def hold(self, job: Any, model_id: str, provider: str) -> AsyncIterator[Estimate]:
-        """Check and hold a job's estimate before it sends anything; record its cost when it ends."""
+    async def hold(
+        self, job: Any, model_id: str, provider: str, listed_usd: float | None = None
+    ) -> AsyncIterator[Estimate]:
+        """Check and hold a job's estimate before it sends anything; record its cost when it ends.
+        `listed_usd`: the per-image price the gateway lists for the model, where it lists one."""
         owner = job.owner
-        guess = estimate(model_id, provider, job.request.n, self.settings.unpriced_image_usd)
+        guess = estimate(model_id, provider, job.request.n, self.settings.unpriced_image_usd, listed_usd)
         day = today()
         async with self._lock:  # a check and its hold together, so parallel calls cannot both fit
             person_spent, server_spent = await on_disk(lambda: self.book.totals(day, owner))

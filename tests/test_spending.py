@@ -42,6 +42,8 @@ def test_every_price_is_a_sourced_estimate_and_families_match_their_models() -> 
     assert estimate("gpt-image-2", "openai", 3, 0.1).usd == pytest.approx(3 * 0.042)
     assert estimate("gemini-2.5-flash-image", "ai-nebula", 1, 0.1).usd_per_image == 0.039
     assert estimate("flux-1-schnell", "nano-gpt", 1, 0.1).usd_per_image == 0.003
+    listed = estimate("gpt-image-1", "nano-gpt", 2, 0.1, listed_usd=0.02)
+    assert listed.usd == 0.04 and "nano-gpt lists" in listed.source
     unknown = estimate("acme-diffusion-9", "openai-compatible", 2, 0.25)
     assert unknown.usd == 0.5 and "unpriced_image_usd" in unknown.source
     assert estimate("anything", "offline", 4, 0.25).usd == 0
@@ -82,17 +84,17 @@ async def test_the_gateways_own_cost_is_recorded_and_outlives_the_process(tmp_pa
     book = spend_book(tmp_path)
     assert book["person-alice"] == pytest.approx(result.cost) and book[SERVER_TOTAL] == pytest.approx(result.cost)
 
-    # A restarted server reads the book: Alice's limit now leaves less than one more image.
+    # A restarted server reads the book: Alice's limit now leaves less than one more image at the
+    # price nano-gpt lists for the model ($0.01), which the estimate uses over the price table.
     tight = make_settings(
-        tmp_path,
-        [endpoint_for(emu, key=SECRET_KEY)],
-        spending={"person_usd_per_day": result.cost + 0.05, "unpriced_image_usd": 0.06},
+        tmp_path, [endpoint_for(emu, key=SECRET_KEY)], spending={"person_usd_per_day": result.cost + 0.006}
     )
     sent_before = len(paid_requests(emu))
     async with ImageService(tight) as service:
         with acting_as("person-alice"), pytest.raises(SpendingLimitError) as refused:
             await service.generate(ImageRequest(operation="generate", prompt="y", model="hidream"))
-        assert "$0.05 is left" in refused.value.agent_text()
+        said = refused.value.agent_text()
+        assert "$0.01 is left" in said and "estimated at $0.01" in said and "the price nano-gpt lists for hidream" in said
         with acting_as("person-bob"):  # someone else's day is their own
             await service.generate(ImageRequest(operation="generate", prompt="z", model="hidream"))
     assert len(paid_requests(emu)) == sent_before + 1
