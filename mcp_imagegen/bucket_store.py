@@ -292,7 +292,9 @@ class BucketJobBook:
         self.bucket = bucket
 
     def write(self, record: JobRecord) -> None:
-        self.bucket.put(self.bucket.key("jobs", f"{record.id}.json"), record.model_dump_json().encode(), "application/json")
+        self.bucket.put(
+            self.bucket.key("jobs", f"{record.id}.json"), record.model_dump_json().encode(), "application/json"
+        )
 
     def read(self, job_id: str) -> JobRecord | None:
         if not _valid_job_id(job_id):
@@ -321,26 +323,34 @@ class BucketSpendBook:
     def _key(self, day: str) -> str:
         return self.bucket.key("spend", f"{day}.json")
 
+    def _change(self, day: str, change: Any) -> Any:
+        for _ in range(100):  # another replica changed it in between: read again and retry
+            found = self.bucket.read(self._key(day))
+            book = json.loads(found[0]) if found else {}
+            answer = change(book)
+            body = json.dumps(book, sort_keys=True).encode()
+            if found is None:
+                if self.bucket.create(self._key(day), body, "application/json"):
+                    return answer
+            elif self.bucket.put(self._key(day), body, "application/json", if_match=found[1]):
+                return answer
+        raise ConfigError(f"the spend book {self._key(day)} kept changing under this server; try again")
+
+    def hold(
+        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
+    ) -> tuple[bool, float, float]:
+        from .spending import _holding
+
+        return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
+
+    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
+        from .spending import _settling
+
+        self._change(day, lambda book: _settling(book, owner, hold_id, cost))
+
     def totals(self, day: str, owner: str) -> tuple[float, float]:
         from .spending import SERVER_TOTAL
 
         found = self.bucket.read(self._key(day))
-        book = json.loads(found[0]) if found else {}
-        return float(book.get(owner, 0.0)), float(book.get(SERVER_TOTAL, 0.0))
-
-    def add(self, day: str, owner: str, usd: float) -> None:
-        from .spending import SERVER_TOTAL
-
-        for _ in range(50):
-            found = self.bucket.read(self._key(day))
-            book = json.loads(found[0]) if found else {}
-            book[owner] = round(float(book.get(owner, 0.0)) + usd, 6)
-            book[SERVER_TOTAL] = round(float(book.get(SERVER_TOTAL, 0.0)) + usd, 6)
-            body = json.dumps(book, sort_keys=True).encode()
-            if found is None:
-                if self.bucket.create(self._key(day), body, "application/json"):
-                    return
-            elif self.bucket.put(self._key(day), body, "application/json", if_match=found[1]):
-                return
-        raise ConfigError(f"the spend book {self._key(day)} kept changing under this server; spend not recorded")
-
+        spent = (json.loads(found[0]) if found else {}).get("spent", {})
+        return float(spent.get(owner, 0.0)), float(spent.get(SERVER_TOTAL, 0.0))

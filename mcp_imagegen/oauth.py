@@ -263,7 +263,9 @@ class OAuthMiddleware:
         path = scope["path"]
         if path.startswith(WELL_KNOWN_PREFIX):
             if path.rstrip("/") in self._metadata_paths and scope["method"] in ("GET", "HEAD"):
-                response = JSONResponse(protected_resource_metadata(self.oauth), headers={"Cache-Control": "max-age=300"})
+                response = JSONResponse(
+                    protected_resource_metadata(self.oauth), headers={"Cache-Control": "max-age=300"}
+                )
             else:
                 response = JSONResponse({"error": "not_found"}, status_code=404)
             await response(scope, receive, send)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -87,7 +88,9 @@ class RedisJobBook:
             while True:
                 await anyio.sleep(self.lease_s / 3)
                 try:
-                    await on_disk(lambda: self.redis.set(f"{PREFIX}lease:{job_id}", self.replica, ex=self.lease_s, xx=True))
+                    await on_disk(
+                        lambda: self.redis.set(f"{PREFIX}lease:{job_id}", self.replica, ex=self.lease_s, xx=True)
+                    )
                 except Exception:  # Redis away for a moment: the next renewal tries again
                     continue
 
@@ -99,20 +102,64 @@ class RedisJobBook:
                 tg.cancel_scope.cancel()
 
 
+# Checks a call against the day's spend plus the live holds and holds it, in one atomic step.
+# KEYS: spent hash, holds hash. ARGV: owner, hold id, usd, person limit, server limit (-1: none), now, until.
+_HOLD_SCRIPT = """
+local person = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local server = tonumber(redis.call('HGET', KEYS[1], '*') or '0')
+local now = tonumber(ARGV[6])
+local holds = redis.call('HGETALL', KEYS[2])
+for i = 1, #holds, 2 do
+  local owner, usd, untill = string.match(holds[i + 1], '^(.*)|([^|]*)|([^|]*)$')
+  if tonumber(untill) < now then
+    redis.call('HDEL', KEYS[2], holds[i])
+  else
+    server = server + tonumber(usd)
+    if owner == ARGV[1] then person = person + tonumber(usd) end
+  end
+end
+local usd = tonumber(ARGV[3])
+local person_limit, server_limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local fits = (person_limit < 0 or person + usd <= person_limit + 1e-9)
+  and (server_limit < 0 or server + usd <= server_limit + 1e-9)
+if fits then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1] .. '|' .. ARGV[3] .. '|' .. ARGV[7])
+  redis.call('EXPIRE', KEYS[2], 172800)
+end
+return {fits and 1 or 0, tostring(person), tostring(server)}
+"""
+
+
 class RedisSpendBook:
     def __init__(self, client: Any) -> None:
         self.redis = client
+        self._hold = client.register_script(_HOLD_SCRIPT)
+
+    def hold(
+        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
+    ) -> tuple[bool, float, float]:
+        from .spending import HOLD_S
+
+        now = time.time()
+        limits = [-1 if limit is None else limit for limit in (person_limit, server_limit)]
+        fits, person, server = self._hold(
+            keys=[f"{PREFIX}spend:{day}", f"{PREFIX}holds:{day}"],
+            args=[owner, hold_id, repr(usd), *map(repr, limits), repr(now), repr(now + HOLD_S)],
+        )
+        return bool(int(fits)), float(person), float(server)
+
+    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
+        from .spending import SERVER_TOTAL
+
+        with self.redis.pipeline() as pipe:
+            pipe.hdel(f"{PREFIX}holds:{day}", hold_id)
+            if cost > 0:
+                pipe.hincrbyfloat(f"{PREFIX}spend:{day}", owner, cost)
+                pipe.hincrbyfloat(f"{PREFIX}spend:{day}", SERVER_TOTAL, cost)
+            pipe.execute()
 
     def totals(self, day: str, owner: str) -> tuple[float, float]:
         from .spending import SERVER_TOTAL
 
         person, server = self.redis.hmget(f"{PREFIX}spend:{day}", [owner, SERVER_TOTAL])
         return float(person or 0.0), float(server or 0.0)
-
-    def add(self, day: str, owner: str, usd: float) -> None:
-        from .spending import SERVER_TOTAL
-
-        with self.redis.pipeline() as pipe:
-            pipe.hincrbyfloat(f"{PREFIX}spend:{day}", owner, usd)
-            pipe.hincrbyfloat(f"{PREFIX}spend:{day}", SERVER_TOTAL, usd)
-            pipe.execute()

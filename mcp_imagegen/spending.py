@@ -15,8 +15,8 @@ import json
 import os
 import re
 import secrets
+import time
 import tomllib
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -89,18 +89,56 @@ def today() -> str:
 
 
 class SpendBook(Protocol):
-    """Where recorded spend lives: per day, per owner, plus the server's total (blocking calls)."""
+    """Where spend lives, per UTC day: what each owner (and the server, `SERVER_TOTAL`) spent, and
+    the holds of calls still running anywhere. Blocking calls; each one is atomic across every
+    process sharing the book, so replicas checking at once cannot all squeeze under a limit."""
 
-    def totals(self, day: str, owner: str) -> tuple[float, float]:
-        """(this owner's spend, the server's spend) on `day`."""
+    def hold(
+        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
+    ) -> tuple[bool, float, float]:
+        """Hold `usd` for a call if it fits both limits. Returns (held, the owner's use, the
+        server's use), use being what was spent plus what live holds keep, before this one."""
         ...
 
-    def add(self, day: str, owner: str, usd: float) -> None: ...
+    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
+        """Let a hold go and record what the call cost."""
+        ...
+
+    def totals(self, day: str, owner: str) -> tuple[float, float]:
+        """(this owner's spend, the server's spend) on `day`, holds aside."""
+        ...
+
+
+HOLD_S = 3600  # a hold outlives no call: a replica that died mid-call lets its holds go after this
+
+
+def _holding(
+    book: dict[str, Any], owner: str, hold_id: str, usd: float, limits: tuple[float | None, float | None]
+) -> tuple[bool, float, float]:
+    """`SpendBook.hold` on a day's book as a dict (the folder's and the bucket's format)."""
+    now = time.time()
+    spent = book.setdefault("spent", {})
+    holds = {k: v for k, v in book.setdefault("holds", {}).items() if v["until"] >= now}
+    book["holds"] = holds
+    person = spent.get(owner, 0.0) + sum(h["usd"] for h in holds.values() if h["owner"] == owner)
+    server = spent.get(SERVER_TOTAL, 0.0) + sum(h["usd"] for h in holds.values())
+    fits = all(limit is None or used + usd <= limit + 1e-9 for limit, used in zip(limits, (person, server)))
+    if fits:
+        holds[hold_id] = {"owner": owner, "usd": usd, "until": now + HOLD_S}
+    return fits, person, server
+
+
+def _settling(book: dict[str, Any], owner: str, hold_id: str, cost: float) -> None:
+    book.setdefault("holds", {}).pop(hold_id, None)
+    spent = book.setdefault("spent", {})
+    if cost > 0:
+        spent[owner] = round(spent.get(owner, 0.0) + cost, 6)
+        spent[SERVER_TOTAL] = round(spent.get(SERVER_TOTAL, 0.0) + cost, 6)
 
 
 class FolderSpendBook:
     """One JSON file per UTC day in `<meta_dir>/spend/`, changed under an exclusive file lock so
-    several processes on one folder add up rather than overwrite each other."""
+    several processes on one folder see each other's holds and add up."""
 
     def __init__(self, meta_dir: Path) -> None:
         self.folder = meta_dir / SPEND_DIR_NAME
@@ -108,29 +146,36 @@ class FolderSpendBook:
     def _path(self, day: str) -> Path:
         return self.folder / f"{day}.json"
 
-    def _read(self, day: str) -> dict[str, float]:
+    def _read(self, day: str) -> dict[str, Any]:
         try:
-            raw = json.loads(self._path(day).read_bytes())
+            return dict(json.loads(self._path(day).read_bytes()))
         except FileNotFoundError:
             return {}
-        return {str(k): float(v) for k, v in raw.items()}
 
-    def totals(self, day: str, owner: str) -> tuple[float, float]:
-        book = self._read(day)
-        return book.get(owner, 0.0), book.get(SERVER_TOTAL, 0.0)
-
-    def add(self, day: str, owner: str, usd: float) -> None:
+    def _change(self, day: str, change: Any) -> Any:
         from .store import TMP_SUFFIX
 
         self.folder.mkdir(parents=True, exist_ok=True)
         with _locked(self.folder / ".lock"):
             book = self._read(day)
-            book[owner] = round(book.get(owner, 0.0) + usd, 6)
-            book[SERVER_TOTAL] = round(book.get(SERVER_TOTAL, 0.0) + usd, 6)
+            answer = change(book)
             final = self._path(day)
             tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
             tmp.write_text(json.dumps(book, indent=1, sort_keys=True), encoding="utf-8")
             os.replace(tmp, final)
+            return answer
+
+    def hold(
+        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
+    ) -> tuple[bool, float, float]:
+        return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
+
+    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
+        self._change(day, lambda book: _settling(book, owner, hold_id, cost))
+
+    def totals(self, day: str, owner: str) -> tuple[float, float]:
+        spent = self._read(day).get("spent", {})
+        return spent.get(owner, 0.0), spent.get(SERVER_TOTAL, 0.0)
 
 
 class _locked:
@@ -151,13 +196,11 @@ class _locked:
 
 
 class Spending:
-    """The limits of one server process, with the holds of its running jobs."""
+    """The day's limits, checked and held in the spend book that every replica shares."""
 
     def __init__(self, settings: SpendingSettings, book: SpendBook) -> None:
         self.settings = settings
         self.book = book
-        self._held: Counter[str] = Counter()  # owner -> USD held by running jobs (SERVER_TOTAL: all)
-        self._lock = anyio.Lock()
 
     @property
     def limited(self) -> bool:
@@ -171,23 +214,19 @@ class Spending:
         `listed_usd`: the per-image price the gateway lists for the model, where it lists one."""
         owner = job.owner
         guess = estimate(model_id, provider, job.request.n, self.settings.unpriced_image_usd, listed_usd)
-        day = today()
-        async with self._lock:  # a check and its hold together, so parallel calls cannot both fit
-            person_spent, server_spent = await on_disk(lambda: self.book.totals(day, owner))
-            self._check(guess, person_spent + self._held[owner], server_spent + self._held[SERVER_TOTAL])
-            self._held[owner] += guess.usd
-            self._held[SERVER_TOTAL] += guess.usd
+        day, hold_id = today(), job.id
+        limits = (self.settings.person_usd_per_day, self.settings.server_usd_per_day)
+        held, person_used, server_used = await on_disk(lambda: self.book.hold(day, owner, hold_id, guess.usd, *limits))
+        if not held:
+            self._refuse(guess, person_used, server_used)
         try:
             yield guess
         finally:
-            self._held[owner] -= guess.usd
-            self._held[SERVER_TOTAL] -= guess.usd
             cost = job.cost if job.cost is not None else guess.usd_per_image * len(job.saved)
-            if cost > 0:
-                with anyio.CancelScope(shield=True):  # money was spent: it is recorded whatever happens
-                    await on_disk(lambda: self.book.add(day, owner, cost))
+            with anyio.CancelScope(shield=True):  # money was spent: it is recorded whatever happens
+                await on_disk(lambda: self.book.settle(day, owner, hold_id, cost))
 
-    def _check(self, guess: Estimate, person_used: float, server_used: float) -> None:
+    def _refuse(self, guess: Estimate, person_used: float, server_used: float) -> None:
         for limit, used, whose in (
             (self.settings.person_usd_per_day, person_used, "your"),
             (self.settings.server_usd_per_day, server_used, "this server's"),
@@ -198,7 +237,8 @@ class Spending:
             fits = int(left // guess.usd_per_image) if guess.usd_per_image > 0 else 0
             raise SpendingLimitError(
                 f"this call would pass {whose} daily spending limit of ${limit:.2f}: ${left:.2f} is left today "
-                f"(UTC) and the call is estimated at ${guess.usd:.2f} ({guess.describe()}). Nothing was sent. "
+                f"(UTC, after the calls still running) and the call is estimated at ${guess.usd:.2f} ({guess.describe()}). Nothing was sent. "
                 + (f"Ask for at most {fits} image(s), use " if fits else "Use ")
                 + "a cheaper model, or wait for the next UTC day."
             )
+        raise SpendingLimitError("this call does not fit today's spending limits; nothing was sent")

@@ -15,8 +15,8 @@ mount) for images, and Redis for jobs, so any replica can answer any request.
 from __future__ import annotations
 
 import os
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from .config import Settings

@@ -134,7 +134,9 @@ async def test_wrong_scope_gets_403_naming_the_scope(tmp_path: Path, issuer: Aut
         stranger = issuer.token("stranger", resource, "other:thing")
         reader = issuer.token("reader", resource, "images:read")
         async with httpx2.AsyncClient(timeout=30) as http:
-            refused = await http.post(resource, json=INIT, headers={**JSON_HEADERS, "Authorization": f"Bearer {stranger}"})
+            refused = await http.post(
+                resource, json=INIT, headers={**JSON_HEADERS, "Authorization": f"Bearer {stranger}"}
+            )
             assert refused.status_code == 403
             assert challenge(refused)["error"] == "insufficient_scope"
             assert challenge(refused)["scope"] == BOTH

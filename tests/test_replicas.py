@@ -151,8 +151,19 @@ s3_region = "us-east-1"
         try:
             for host in REPLICA_HOSTS:
                 replicas[host] = subprocess.Popen(
-                    [sys.executable, "-m", "mcp_imagegen", "serve", "--transport", "http", "--host", host,
-                     "--port", str(port), "--stateless"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "mcp_imagegen",
+                        "serve",
+                        "--transport",
+                        "http",
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                        "--stateless",
+                    ],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=open(logs / f"{host}.log", "wb"),  # noqa: SIM115 - closed with the process
@@ -336,6 +347,10 @@ def test_the_container_and_balancer_examples_use_what_the_server_offers() -> Non
     args = _parser().parse_args(words[1:])
     assert (args.transport, args.host, args.port, args.stateless) == ("http", "0.0.0.0", 8000, True)
     example = (root / "deploy" / "nginx.conf").read_text(encoding="utf-8")
-    for directive in ("proxy_buffering off;", "proxy_next_upstream error http_503 non_idempotent;",
-                      "client_max_body_size 64m;", 'proxy_set_header Connection "";'):
+    for directive in (
+        "proxy_buffering off;",
+        "proxy_next_upstream error http_503 non_idempotent;",
+        "client_max_body_size 64m;",
+        'proxy_set_header Connection "";',
+    ):
         assert directive in example and directive in NGINX_TEST_CONF.replace("{{", "{").replace("}}", "}")

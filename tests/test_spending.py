@@ -31,7 +31,10 @@ def paid_requests(emu: Any) -> list[Any]:
 
 
 def spend_book(tmp_path: Path) -> dict[str, float]:
-    return json.loads((tmp_path / "out" / ".mcp-imagegen" / "spend" / f"{today()}.json").read_text())
+    """What the day's book records as spent; no call is left holding money once all have ended."""
+    book = json.loads((tmp_path / "out" / ".mcp-imagegen" / "spend" / f"{today()}.json").read_text())
+    assert book["holds"] == {}
+    return dict(book["spent"])
 
 
 def test_every_price_is_a_sourced_estimate_and_families_match_their_models() -> None:
@@ -53,9 +56,7 @@ async def test_a_person_over_the_limit_is_refused_before_the_gateway_sees_anythi
     tmp_path: Path, emulator: Any
 ) -> None:
     emu = emulator("openai", api_key=SECRET_KEY)
-    settings = make_settings(
-        tmp_path, [endpoint_for(emu, key=SECRET_KEY)], spending={"person_usd_per_day": 0.05}
-    )
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)], spending={"person_usd_per_day": 0.05})
     async with ImageService(settings) as service:
         with pytest.raises(SpendingLimitError) as refused:
             await service.generate(ImageRequest(operation="generate", prompt="two foxes", model="gpt-image-1", n=2))
@@ -94,7 +95,9 @@ async def test_the_gateways_own_cost_is_recorded_and_outlives_the_process(tmp_pa
         with acting_as("person-alice"), pytest.raises(SpendingLimitError) as refused:
             await service.generate(ImageRequest(operation="generate", prompt="y", model="hidream"))
         said = refused.value.agent_text()
-        assert "$0.01 is left" in said and "estimated at $0.01" in said and "the price nano-gpt lists for hidream" in said
+        assert (
+            "$0.01 is left" in said and "estimated at $0.01" in said and "the price nano-gpt lists for hidream" in said
+        )
         with acting_as("person-bob"):  # someone else's day is their own
             await service.generate(ImageRequest(operation="generate", prompt="z", model="hidream"))
     assert len(paid_requests(emu)) == sent_before + 1

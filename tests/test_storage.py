@@ -20,7 +20,7 @@ from mcp_imagegen.models import ImageRequest
 from mcp_imagegen.owners import acting_as
 from mcp_imagegen.server import build_server
 from mcp_imagegen.service import ImageService
-from mcp_imagegen.spending import today
+from mcp_imagegen.spending import SpendingLimitError, today
 from tests.conftest import SECRET_KEY, endpoint_for, make_settings
 from tests.services import S3Server, redis_server, s3_server
 
@@ -87,7 +87,9 @@ async def test_bucket_listing_pages_per_owner_newest_first(tmp_path: Path, s3: S
         for i in range(5):
             for owner in made:
                 with acting_as(owner):
-                    result = await service.generate(ImageRequest(operation="generate", prompt=f"{owner} {i}", size="16x16"))
+                    result = await service.generate(
+                        ImageRequest(operation="generate", prompt=f"{owner} {i}", size="16x16")
+                    )
                 made[owner].append(result.images[0].id)
         store = service.store
         assert isinstance(store, BucketImageStore)
@@ -106,27 +108,55 @@ async def test_bucket_listing_pages_per_owner_newest_first(tmp_path: Path, s3: S
                 store.page("not-a-cursor", 2)
 
 
-def test_creates_never_overwrite_and_spend_adds_up_across_writers(s3: S3Server) -> None:
-    storage = StorageSettings(**storage_for(s3))
-    bucket = Bucket(storage)
+def test_creates_never_overwrite(s3: S3Server) -> None:
+    bucket = Bucket(StorageSettings(**storage_for(s3)))
     assert bucket.create(bucket.key("probe"), b"first", "text/plain")
     assert not bucket.create(bucket.key("probe"), b"second", "text/plain")
     assert bucket.read(bucket.key("probe"))[0] == b"first"
 
-    # Eight writers at once, each through its own client, as eight replicas would.
-    day = today()
 
-    def add_ten() -> None:
-        book = BucketSpendBook(Bucket(storage))
-        for _ in range(10):
-            book.add(day, "person-a", 0.01)
+@pytest.mark.parametrize("backend", ["folder", "bucket", "redis"])
+def test_holds_from_many_replicas_at_once_never_pass_a_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """Eight writers, each with its own client as eight replicas would have, try to hold $0.10
+    against a $0.50 limit at the same moment: exactly five get it, and what they settle adds up."""
+    from contextlib import ExitStack
 
-    writers = [threading.Thread(target=add_ten) for _ in range(8)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join(timeout=120)
-    assert BucketSpendBook(bucket).totals(day, "person-a") == (pytest.approx(0.8), pytest.approx(0.8))
+    from mcp_imagegen.shared_state import RedisSpendBook, redis_client
+    from mcp_imagegen.spending import FolderSpendBook
+
+    with ExitStack() as stack:
+        if backend == "bucket":
+            storage = StorageSettings(**storage_for(stack.enter_context(s3_server(monkeypatch))))
+            make_book: Any = lambda: BucketSpendBook(Bucket(storage))  # noqa: E731
+        elif backend == "redis":
+            url = stack.enter_context(redis_server()).url
+            make_book = lambda: RedisSpendBook(redis_client(url))  # noqa: E731
+        else:
+            make_book = lambda: FolderSpendBook(tmp_path / "meta")  # noqa: E731
+        day = today()
+        books = [make_book() for _ in range(8)]
+        start = threading.Barrier(8)
+        held: list[bool] = []
+
+        def writer(i: int) -> None:
+            start.wait(timeout=60)
+            ok, _, _ = books[i].hold(day, "person-a", f"job_{i:08d}", 0.10, 0.50, None)
+            held.append(ok)
+            if ok:
+                books[i].settle(day, "person-a", f"job_{i:08d}", 0.10)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert sorted(held) == [False] * 3 + [True] * 5
+        assert books[0].totals(day, "person-a") == (pytest.approx(0.5), pytest.approx(0.5))
+        # All settled: nothing is held any more, so the limit is exactly used up.
+        assert books[0].hold(day, "person-a", "job_late0000", 0.01, 0.50, None)[0] is False
+        assert books[0].hold(day, "person-b", "job_other000", 0.01, 0.50, None)[0] is True
 
 
 async def test_a_job_in_redis_is_seen_by_another_instance(
@@ -169,9 +199,21 @@ async def test_spend_in_redis_is_shared(tmp_path: Path, emulator: Any, monkeypat
         async with ImageService(settings[0]) as one, ImageService(settings[1]) as other:
             with acting_as("person-a"):
                 await one.generate(ImageRequest(operation="generate", prompt="one", model="gpt-image-1"))
-                from mcp_imagegen.spending import SpendingLimitError
-
                 with pytest.raises(SpendingLimitError):
                     await other.generate(ImageRequest(operation="generate", prompt="two", model="gpt-image-1"))
             assert other.spending.book.totals(today(), "person-a") == (pytest.approx(0.042), pytest.approx(0.042))
             assert other.spending.book.totals(today(), "nobody") == (0.0, pytest.approx(0.042))
+
+            # A call still running on one instance holds its estimate against the limit on the other.
+            emu.hold()
+            with acting_as("person-c"):
+                running = one.submit(ImageRequest(operation="generate", prompt="held", model="gpt-image-1"))
+                with anyio.fail_after(30):
+                    while emu.in_flight < 1:
+                        await anyio.sleep(0.02)
+                with pytest.raises(SpendingLimitError) as refused:
+                    await other.generate(ImageRequest(operation="generate", prompt="also", model="gpt-image-1"))
+                assert "after the calls still running" in refused.value.agent_text()
+                emu.release()
+                with anyio.fail_after(60):
+                    await running.wait(None)
