@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_imagegen import oauth
-from mcp_imagegen.config import OAuthSettings
+from mcp_imagegen.config import OAuthSettings, StorageSettings
 from mcp_imagegen.transports import http_app, sse_app
-from tests.services import AuthServer, auth_server
+from tests.services import AuthServer, auth_server, s3_server
 from tests.test_transports import INIT, JSON_HEADERS, bound_socket, serve, settings_for, texts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -224,14 +224,38 @@ async def _image_uris(client: Client) -> set[str]:
     return {str(r.uri) for r in listed.resources if str(r.uri).startswith("imagegen://images/")}
 
 
-@pytest.mark.parametrize("stateless", [False, True])
+@pytest.mark.parametrize(("stateless", "storage"), [(False, "folder"), (True, "folder"), (True, "bucket")])
 async def test_people_cannot_reach_each_others_images_by_any_route(
-    tmp_path: Path, issuer: AuthServer, stateless: bool
+    tmp_path: Path,
+    issuer: AuthServer,
+    stateless: bool,
+    storage: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     with bound_socket() as sock:
         port = sock.getsockname()[1]
     resource = f"http://127.0.0.1:{port}/mcp"
-    settings = settings_for(tmp_path, oauth=OAuthSettings(issuer=issuer.issuer, resource=resource, clock_skew_s=0))
+    stack = ExitStack()
+    request.addfinalizer(stack.close)
+    bucket = {}
+    if storage == "bucket":  # images and job records in an S3 bucket (moto's server)
+        s3 = stack.enter_context(s3_server(monkeypatch))
+        bucket = {"s3_bucket": s3.bucket, "s3_endpoint_url": s3.endpoint_url, "s3_region": "us-east-1"}
+
+    def job_of(image: dict[str, Any]) -> str:
+        if storage == "bucket":
+            key = f"mcp-imagegen/records/{image['id']}.json"
+            raw = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        else:
+            raw = (tmp_path / "out" / ".mcp-imagegen" / f"{image['id']}.json").read_bytes()
+        return str(json.loads(raw)["job_id"])
+
+    settings = settings_for(
+        tmp_path,
+        oauth=OAuthSettings(issuer=issuer.issuer, resource=resource, clock_skew_s=0),
+        storage=StorageSettings(**bucket),
+    )
     alice_token, bob_token = issuer.token("alice", resource, BOTH), issuer.token("bob", resource, BOTH)
     sock = bound_socket_at(port)
     app = http_app(settings, host="127.0.0.1", port=port, stateless=stateless)
@@ -240,7 +264,7 @@ async def test_people_cannot_reach_each_others_images_by_any_route(
             made = await alice.call_tool("generate_image", {"prompt": "alice's fox", "size": "32x32"})
             assert not made.is_error, texts(made)
             [image] = made.structured_content["images"]
-            job_id = json.loads((tmp_path / "out" / ".mcp-imagegen" / f"{image['id']}.json").read_text())["job_id"]
+            job_id = job_of(image)
             assert job_id
             edited = await alice.call_tool("edit_image", {"prompt": "bluer", "images": image["uri"]})
             assert not edited.is_error, texts(edited)
@@ -266,7 +290,8 @@ async def test_people_cannot_reach_each_others_images_by_any_route(
                 said = await _refused(bob, "edit_image", {"prompt": "mine now", "images": image["uri"], "mask": uri})
                 assert "no saved image" in said
             said = await _refused(bob, "edit_image", {"prompt": "by path", "images": image["path"]})
-            assert "cannot name files on the server" in said
+            if storage == "folder":
+                assert "cannot name files on the server" in said
             said = await _refused(bob, "get_image", {"job_id": job_id})
             assert "no job" in said
             # Bob's own work stays his: he sees it, and Alice's listing does not.
@@ -278,7 +303,7 @@ async def test_people_cannot_reach_each_others_images_by_any_route(
         async with mcp_client(resource, alice_token) as alice:
             assert bobs["uri"] not in await _image_uris(alice)
 
-    # Another server on the same folder knows the job only by its record on disk: still hers alone.
+    # Another server on the same storage knows the job only by its record: still hers alone.
     with bound_socket() as other:
         other_port = other.getsockname()[1]
     second = http_app(settings, host="127.0.0.1", port=other_port, stateless=stateless)
