@@ -17,6 +17,6 @@ ENV MCP_IMAGEGEN_CONFIG=/etc/mcp-imagegen/mcp-imagegen.toml \
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['PORT'])"
-# SIGTERM drains: new requests get 503 (the balancer moves them on), calls in flight finish and save.
+# SIGTERM drains: /readyz and new requests get 503, calls in flight finish and save their images.
 STOPSIGNAL SIGTERM
 CMD ["sh", "-c", "exec mcp-imagegen serve --transport http --host 0.0.0.0 --port \"$PORT\" --stateless"]

@@ -234,7 +234,7 @@ http {{
             proxy_set_header Connection "";
             proxy_buffering off;
             proxy_read_timeout 300s;
-            proxy_next_upstream error http_503 non_idempotent;
+            proxy_next_upstream error timeout;
             add_header X-Upstream $upstream_addr always;
         }}
     }}
@@ -349,7 +349,7 @@ def test_the_container_and_balancer_examples_use_what_the_server_offers() -> Non
     example = (root / "deploy" / "nginx.conf").read_text(encoding="utf-8")
     for directive in (
         "proxy_buffering off;",
-        "proxy_next_upstream error http_503 non_idempotent;",
+        "proxy_next_upstream error timeout;",
         "client_max_body_size 64m;",
         'proxy_set_header Connection "";',
     ):
