@@ -143,67 +143,79 @@ s3_region = "us-east-1"
             "MCP_IMAGEGEN_JOB_LEASE_S": "2",  # a dead replica's jobs read as interrupted within seconds
         }
         env.pop("MCP_IMAGEGEN_OUTPUT_DIR", None)
-        port = port_free_on_all(REPLICA_HOSTS)
         logs = tmp_path / "logs"
         logs.mkdir()
-        replicas: dict[str, subprocess.Popen[bytes]] = {}
-        nginx_process: subprocess.Popen[bytes] | None = None
+        started: list[subprocess.Popen[bytes]] = []
         try:
-            for host in REPLICA_HOSTS:
-                replicas[host] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "mcp_imagegen",
-                        "serve",
-                        "--transport",
-                        "http",
-                        "--host",
-                        host,
-                        "--port",
-                        str(port),
-                        "--stateless",
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(logs / f"{host}.log", "wb"),  # noqa: SIM115 - closed with the process
-                )
-            for host, process in replicas.items():
-                wait_until(
-                    lambda h=host, p=process: answers(f"http://{h}:{port}/readyz") or p.poll() is not None,
-                    f"replica {host}",
-                )
-                assert process.poll() is None, (logs / f"{host}.log").read_text()[-2000:]
-
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                lb_port = probe.getsockname()[1]
-            (tmp_path / "nginx").mkdir()
-            upstreams = "\n".join(f"        server {h}:{port} max_fails=1 fail_timeout=60s;" for h in REPLICA_HOSTS)
-            conf = tmp_path / "nginx" / "nginx.conf"
-            conf.write_text(
-                NGINX_TEST_CONF.format(root=tmp_path / "nginx", upstreams=upstreams, lb_port=lb_port, port=port),
-                encoding="utf-8",
-            )
-            nginx_process = subprocess.Popen(
-                [nginx, "-c", str(conf), "-p", str(tmp_path / "nginx")],
-                stdout=subprocess.DEVNULL,
-                stderr=open(logs / "nginx.log", "wb"),  # noqa: SIM115
-            )
-            origin = f"http://127.0.0.1:{lb_port}"
-            wait_until(lambda: answers(f"{origin}/healthz") or nginx_process.poll() is not None, "nginx")
-            assert nginx_process.poll() is None, (logs / "nginx.log").read_text()
+            port, replicas = start_replicas(env, logs, started)
+            origin = start_nginx(nginx, tmp_path / "nginx", port, logs, started)
             yield Team(origin, port, replicas, redis_url, logs)
         finally:
-            for process in [*replicas.values(), *([nginx_process] if nginx_process else [])]:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in [*replicas.values(), *([nginx_process] if nginx_process else [])]:
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_all(started)
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_replicas(
+    env: dict[str, str], logs: Path, started: list[subprocess.Popen[bytes]]
+) -> tuple[int, dict[str, subprocess.Popen[bytes]]]:
+    """Three replicas on one port of 127.0.0.2-4; another port if something takes the chosen one first."""
+    for _attempt in range(5):
+        port = port_free_on_all(REPLICA_HOSTS)
+        replicas: dict[str, subprocess.Popen[bytes]] = {}
+        for host in REPLICA_HOSTS:
+            command = [sys.executable, "-m", "mcp_imagegen", "serve", "--transport", "http"]
+            replicas[host] = subprocess.Popen(
+                [*command, "--host", host, "--port", str(port), "--stateless"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(logs / f"{host}.log", "ab"),  # noqa: SIM115 - closed with the process
+            )
+            started.append(replicas[host])
+        for host, process in replicas.items():
+            wait_until(
+                lambda h=host, p=process, at=port: answers(f"http://{h}:{at}/readyz") or p.poll() is not None,
+                f"replica {host}",
+            )
+        if all(process.poll() is None for process in replicas.values()):
+            return port, replicas
+        stop_all(list(replicas.values()))
+    raise AssertionError("the replicas did not start: " + (logs / f"{REPLICA_HOSTS[0]}.log").read_text()[-2000:])
+
+
+def start_nginx(nginx: str, root: Path, port: int, logs: Path, started: list[subprocess.Popen[bytes]]) -> str:
+    """nginx on a free loopback port in front of the replicas; yields its origin."""
+    root.mkdir()
+    upstreams = "\n".join(f"        server {h}:{port} max_fails=1 fail_timeout=60s;" for h in REPLICA_HOSTS)
+    for _attempt in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            lb_port = probe.getsockname()[1]
+        conf = root / "nginx.conf"
+        conf.write_text(
+            NGINX_TEST_CONF.format(root=root, upstreams=upstreams, lb_port=lb_port, port=port), encoding="utf-8"
+        )
+        process = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(logs / "nginx.log", "ab"),  # noqa: SIM115
+        )
+        started.append(process)
+        origin = f"http://127.0.0.1:{lb_port}"
+        wait_until(lambda o=origin, p=process: answers(f"{o}/healthz") or p.poll() is not None, "nginx")
+        if process.poll() is None:
+            return origin
+    raise AssertionError("nginx did not start: " + (logs / "nginx.log").read_text())
 
 
 # The proxy settings are deploy/nginx.conf's; only the addresses, the Host header and the paths differ.
