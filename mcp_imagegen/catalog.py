@@ -298,6 +298,17 @@ class ModelCatalog:
                     log.warning("discovery on %s failed: %s", ep.name, exc.message)
             await self._discover_once(ep)
 
+    async def listed_price(self, ep: EndpointConfig, model: str) -> float | None:
+        """The per-image price the gateway's discovery lists for a model, if it lists one (spending
+        limits want it; the discovered list is cached for discovery_ttl_s)."""
+        if load_manifest(ep.provider).discovery is None:
+            return None
+        try:
+            await self.refresh(ep)
+        except ImageGenError as exc:
+            log.warning("discovery on %s failed: %s", ep.name, exc.message)
+        return self.belief(ep, model).spec.usd_per_image
+
     def _find(self, ep: EndpointConfig, model: str) -> Belief | None:
         """The model on this endpoint, if the endpoint may serve it (shut-down ones included)."""
         if ep.models is not None:

@@ -88,6 +88,65 @@ class EndpointConfig(BaseModel):
         return v.rstrip("/") if v else v
 
 
+class OAuthScopes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generate: str = Field(default="images:generate", description="Scope that lets a token generate and edit images.")
+    read: str = Field(default="images:read", description="Scope that lets a token read its images and jobs.")
+
+
+class OAuthSettings(BaseModel):
+    """`[oauth]`: the HTTP transports as an OAuth 2.1 resource server (see oauth.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str = Field(description="The authorization server's issuer URL, exactly as tokens carry it in `iss`.")
+    resource: str = Field(
+        description="This server's own URL as clients reach it (e.g. https://images.example.com/mcp); tokens "
+        "must carry it in `aud` (RFC 8707)."
+    )
+    scopes: OAuthScopes = Field(default_factory=OAuthScopes)
+    clock_skew_s: float = Field(default=30.0, ge=0, le=300, description="Leeway on `exp` and `nbf`.")
+
+    @field_validator("issuer", "resource")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with https:// (or http:// on a test network)")
+        return v
+
+
+class SpendingSettings(BaseModel):
+    """`[spending]`: daily limits in US dollars, checked before anything is sent (see spending.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    person_usd_per_day: float | None = Field(default=None, ge=0, description="What one person may spend per UTC day.")
+    server_usd_per_day: float | None = Field(default=None, ge=0, description="What everyone together may spend per UTC day.")
+    unpriced_image_usd: float = Field(
+        default=0.10, ge=0, description="The estimate for one image of a model in no known price family."
+    )
+
+
+class StorageSettings(BaseModel):
+    """`[storage]`: where images, records and jobs live when several replicas share them (storage.py).
+
+    Credentials never go in the file: the S3 client reads the standard AWS variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), and the Redis URL (which may hold a password)
+    comes from the variable `redis_url_env` names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    s3_bucket: str | None = Field(default=None, description="Keep images and records in this S3 bucket.")
+    s3_endpoint_url: str | None = Field(default=None, description="For S3-compatible stores (R2, MinIO, Ceph).")
+    s3_region: str | None = Field(default=None, description="The bucket's region.")
+    s3_prefix: str = Field(default="mcp-imagegen/", description="Key prefix for everything this server writes.")
+    presign_ttl_s: int = Field(default=3600, ge=60, le=604800, description="Lifetime of image links in results.")
+    redis_url_env: str = Field(
+        default="MCP_IMAGEGEN_REDIS_URL", description="Variable holding the Redis URL for shared job state."
+    )
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -135,6 +194,11 @@ class Settings(BaseModel):
         default=1800.0,
         gt=0,
         description="Streamable HTTP: a session with no request in flight for this long is closed.",
+    )
+    spending: SpendingSettings = Field(default_factory=SpendingSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    oauth: OAuthSettings | None = Field(
+        default=None, description="Sign people in through an OAuth 2.1 authorization server (HTTP transports)."
     )
     source: Path | None = Field(default=None, exclude=True, description="The file these settings came from.")
 

@@ -656,6 +656,17 @@ class DiscoveredModel:
     knobs: dict[str, ParamSpec] | None = None  # canonical knobs with typed schemas
     shutdown_date: str | None = None  # YYYY-MM-DD (OpenAI's /v1/models)
     description: str | None = None
+    usd_per_image: float | None = None  # the price the gateway itself lists (nano-gpt's `pricing`)
+
+
+def _usd_per_image(item: dict[str, Any]) -> float | None:
+    pricing = item.get("pricing")
+    if not isinstance(pricing, dict) or str(pricing.get("currency", "USD")).upper() != "USD":
+        return None
+    value = pricing.get("per_image")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
 
 
 def _int(value: Any) -> int | None:
@@ -857,6 +868,7 @@ def decode_models(manifest: Manifest, body: Any) -> list[DiscoveredModel]:
                 sizes=_sizes(params),
                 max_n=max_n if max_n and max_n > 0 else None,
                 max_input_images=max_inputs if max_inputs and max_inputs > 0 else None,
+                usd_per_image=_usd_per_image(item),
             )
         )
     return found

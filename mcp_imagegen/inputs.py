@@ -24,6 +24,7 @@ import httpx2
 from . import b64, images
 from .errors import ImageGenError, InputForbiddenError, InputNotFoundError, InvalidRequestError
 from .models import InputImage
+from .owners import signed_in
 from .store import URI_PREFIX, ImageStore
 from .work import in_worker, on_disk
 
@@ -349,6 +350,12 @@ async def resolve_input(
     elif _SCHEME_RE.match(s):
         hint = "; give the file's path itself" if low.startswith("file:") else ""
         raise InvalidRequestError(f"{role}: only http and https URLs can be fetched, not {s.split(':', 1)[0]!r}{hint}")
+    elif signed_in() and not _base64_image_prefix(s):
+        # Files on the server are the operator's, not any signed-in person's (nor is whether one exists).
+        raise InvalidRequestError(
+            f"{role}: people signed in over the network cannot name files on the server; pass an "
+            f"{URI_PREFIX}<id> URI from an earlier result, an https URL, a data URL or base64"
+        )
     elif _exists(s) or (not _base64_image_prefix(s) and _looks_like_path(s)):
         data, source = await on_disk(lambda: _read_file(s, allowed_roots, role))
     elif _base64_image_prefix(s):

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .errors import ImageGenError, InvalidRequestError
 from .models import GenerationResult, ImageRequest, SavedImage
+from .owners import LOCAL_OWNER, current_owner
 
 log = logging.getLogger("mcp_imagegen.jobs")
 
@@ -65,6 +66,7 @@ class Job:
     stop_reason: StopReason | None = None
     not_sent: int = 0  # images never asked for because of a cancel or a shutdown
     sent: int = 0  # gateway requests sent (each paid for once answered)
+    owner: str = field(default_factory=current_owner)  # who started it; only they find it (owners.py)
     _unsent: set[anyio.CancelScope] = field(default_factory=set)
     _done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -151,6 +153,7 @@ class Job:
             created_at=self.created_at,
             updated_at=_now(),
             pid=os.getpid(),
+            owner=self.owner,
         )
 
 
@@ -186,6 +189,7 @@ class JobRecord(BaseModel):
     created_at: str
     updated_at: str
     pid: int | None = None  # the process that ran it: a "running" record of a dead one was interrupted
+    owner: str = LOCAL_OWNER
 
     def owner_alive(self) -> bool:
         """Whether another live process may still be running this job. Our own pid means a

@@ -150,6 +150,7 @@ class ModelSpec(_Strict):
     shutdown_date: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")  # the provider's date
     replacement: str | None = None  # what the provider names instead of a deprecated model
     description: str = ""
+    usd_per_image: float | None = None  # what the gateway lists for one image (discovery); spending.py
 
     def set_fields(self) -> dict[str, Any]:
         """The fields this layer states (given in its source), without the id."""

@@ -101,6 +101,7 @@ class SavedImage(BaseModel):
     bytes: int
     revised_prompt: str | None = None
     frames: int | None = None  # GIFs: the frame count (more than 1: animated)
+    url: str | None = None  # a presigned link where images live in a bucket, made fresh on each read
 
 
 class ImageRecord(SavedImage):
@@ -115,6 +116,7 @@ class ImageRecord(SavedImage):
     parent_ids: list[str] = Field(default_factory=list)
     created_at: str  # ISO 8601, UTC
     job_id: str | None = None
+    owner: str = "local"  # owners.py: the person it belongs to; older records are the local owner's
 
 
 class ModelInfo(BaseModel):

@@ -143,6 +143,8 @@ def discovered_fields(found: DiscoveredModel, current_caps: Iterable[Capability]
         fields["shutdown_date"] = found.shutdown_date
     if found.description:
         fields["description"] = found.description
+    if found.usd_per_image is not None:
+        fields["usd_per_image"] = found.usd_per_image
     return fields
 
 

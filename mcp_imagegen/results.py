@@ -62,6 +62,9 @@ class ImageOut(BaseModel):
     frames: int | None = Field(
         default=None, description="GIFs: the frame count; more than 1 is an animation, previewed by its first frame."
     )
+    url: str | None = Field(
+        default=None, description="A time-limited link to the full image, where images live in a bucket."
+    )
 
 
 class ImageToolResult(BaseModel):

@@ -252,8 +252,9 @@ async def _await_job(job: Any, seconds: float, progress: _Progress | None, what:
         result = await job.wait(max(0.0, min(remaining, HEARTBEAT_S)))
         if result is not None:
             return result
-        if job.status != "running":
-            # wait() raised for failures; a finished job without a result is a bug upstream.
+        if job.status != "running" and job.finished:
+            # wait() raised for failures; a finished job without a result is a bug upstream. (A job
+            # whose status is final but is not finished yet is still writing its last record.)
             raise ImageGenError(f"job {job.id} ended ({job.status}) without a result")
         if end - anyio.current_time() <= 0:
             return None

@@ -52,7 +52,9 @@ from .models import (
     WireImage,
     WireResult,
 )
-from .store import ImageStore
+from .owners import acting_as, current_owner
+from .spending import Spending
+from .storage import job_alive, keeping_alive, open_storage
 from .svg import SVG_MIME
 from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
@@ -94,7 +96,8 @@ class ImageService:
         self.settings = settings
         self._make_previews = previews
         self._previews: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
-        self.store = ImageStore(settings.output_dir)
+        self.store, spend_book = open_storage(settings)  # a folder, or a bucket and Redis (storage.py)
+        self.spending = Spending(settings.spending, spend_book)
         self._stack = AsyncExitStack()
         self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
         # What gateways taught about their models, kept beside the image records across restarts.
@@ -293,7 +296,7 @@ class ImageService:
     def job(self, job_id: str) -> Job:
         """A job of this process (running or recently finished)."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or job.owner != current_owner():
             raise self._no_job(job_id)
         return job
 
@@ -302,9 +305,11 @@ class ImageService:
         restart): finished, or known to be interrupted, or still running elsewhere."""
         job = self._jobs.get(job_id)
         if job is not None:
+            if job.owner != current_owner():  # another person's job is answered as no job at all
+                raise self._no_job(job_id)
             return job
         record = await on_disk(lambda: self.store.jobs.read(job_id))
-        if record is None:
+        if record is None or record.owner != current_owner():
             raise self._no_job(job_id)
         return await on_disk(lambda: self._job_from_record(record))
 
@@ -320,7 +325,7 @@ class ImageService:
         from .models import ImageRequest as Request
 
         request = Request(operation=record.operation, prompt=record.prompt, n=record.n)  # type: ignore[arg-type]
-        job = Job(id=record.id, request=request, warnings=list(record.warnings))
+        job = Job(id=record.id, request=request, warnings=list(record.warnings), owner=record.owner)
         job.usage, job.cost, job.balance, job.created_at = record.usage, record.cost, record.balance, record.created_at
         for image_id in record.image_ids:
             try:
@@ -328,7 +333,7 @@ class ImageService:
             except ImageGenError:
                 job.warnings.append(f"image {image_id} of this job was deleted or moved since")
         status = record.status
-        if status == "running" and not record.owner_alive():
+        if status == "running" and not job_alive(self.store.jobs, record):
             status = "interrupted"
         if status == "running":
             # Still running in another server process (e.g. one finishing its work after its host
@@ -368,6 +373,11 @@ class ImageService:
             del self._jobs[old.id]
 
     async def _run_job(self, job: Job) -> None:
+        with acting_as(job.owner):  # its inputs and lineage are read, and its images saved, as its owner's
+            async with keeping_alive(self.store.jobs, job.id):  # other replicas see it is alive
+                await self._run_job_as_owner(job)
+
+    async def _run_job_as_owner(self, job: Job) -> None:
         await self._persist(job)
         try:
             job.result = await self._execute(job)
@@ -414,6 +424,13 @@ class ImageService:
             has_mask=request.mask is not None,
             n_images=len(request.images),
         )
+        # Before anything is sent: the estimate must fit the day's limits (spending.py).
+        first = routes[0]
+        listed = await self._catalog.listed_price(first.endpoint, first.model.id) if self.spending.limited else None
+        async with self.spending.hold(job, first.model.id, first.endpoint.provider, listed):
+            return await self._on_routes(job, routes)
+
+    async def _on_routes(self, job: Job, routes: list[Route]) -> GenerationResult:
         failures: list[str] = []
         for i, route in enumerate(routes):
             try:
@@ -789,6 +806,7 @@ class ImageService:
                 parent_ids=[img.image_id for img in request.images if img.image_id],
                 revised_prompt=revised_prompt or None,
                 job_id=job.id,
+                owner=job.owner,
             )
 
         async def save_or_keep() -> ImageRecord:

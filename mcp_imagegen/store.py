@@ -26,6 +26,7 @@ from .config import OUTPUT_DIR_ENV
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
 from .jobs import JobBook
 from .models import ImageRecord, Origin
+from .owners import current_owner
 from .recovery import LiveLock, recover
 
 log = logging.getLogger("mcp_imagegen.store")
@@ -77,7 +78,55 @@ def is_valid_id(image_id: str) -> bool:
     return isinstance(image_id, str) and bool(_ID_RE.match(image_id))
 
 
-class ImageStore:
+class StoreLookups:
+    """What every image store answers the same way, given `get` and `page` (see storage.py for the
+    stores: this folder one, and a bucket for replicas)."""
+
+    def get(self, image_id: str) -> ImageRecord:
+        raise NotImplementedError
+
+    def page(self, cursor: str | None, limit: int) -> tuple[list[ImageRecord], str | None]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _unknown(image_id: str) -> InputNotFoundError:
+        shown = image_id if len(image_id) <= 80 else image_id[:80] + "..."
+        return InputNotFoundError(
+            f"no saved image with id {shown!r}; ids come from generate_image/edit_image results "
+            f"(the uri imagegen://images/<id>)"
+        )
+
+    def resolve_uri(self, uri: str) -> ImageRecord:
+        """The record behind `imagegen://images/{id}`."""
+        if not isinstance(uri, str) or not uri.startswith(URI_PREFIX):
+            raise InvalidRequestError(f"{str(uri)[:80]!r} is not an image URI; they look like {URI_PREFIX}<id>")
+        return self.get(uri[len(URI_PREFIX) :].rstrip("/"))
+
+    def recent(self, limit: int = 50) -> list[ImageRecord]:
+        """The newest records first; reads only as many files as it returns (plus any skipped)."""
+        return self.page(None, limit)[0]
+
+    def lineage(self, image_id: str, max_depth: int = 4) -> list[ImageRecord]:
+        """The image and up to max_depth ancestors (following parent_ids[0]), oldest first.
+
+        Stops quietly at a parent that is gone or at a cycle: lineage is context, not a requirement.
+        """
+        chain = [self.get(image_id)]
+        seen = {image_id}
+        while len(chain) <= max_depth and chain[-1].parent_ids:
+            parent = chain[-1].parent_ids[0]
+            if parent in seen:
+                break
+            seen.add(parent)
+            try:
+                chain.append(self.get(parent))
+            except InputNotFoundError:
+                break
+        chain.reverse()
+        return chain
+
+
+class ImageStore(StoreLookups):
     """Images in `output_dir`, records beside them; safe to use from several threads."""
 
     def __init__(self, output_dir: Path) -> None:
@@ -216,8 +265,10 @@ class ImageStore:
         revised_prompt: str | None = None,
         job_id: str | None = None,
         frames: int | None = None,
+        owner: str | None = None,
     ) -> ImageRecord:
-        """Write the bytes as given (no re-encoding) and their record; returns the record."""
+        """Write the bytes as given (no re-encoding) and their record (owned by `owner`, else the
+        caller, see owners.py); returns the record."""
         from .images import EXTENSIONS  # Pillow loads on the first save, not at start-up
 
         ext = EXTENSIONS.get(mime_type)
@@ -250,26 +301,19 @@ class ImageStore:
             parent_ids=list(parent_ids or []),
             created_at=now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             job_id=job_id,
+            owner=owner or current_owner(),
         )
         try:
             self._write_atomic(path, data)
             self._fsync_dir(self.output_dir)
             self._write_atomic(
-                self.meta_dir / f"{image_id}.json", record.model_dump_json(indent=1).encode("utf-8"), self._mtime_ns()
+                self.meta_dir / f"{image_id}.json", record.model_dump_json(indent=1, exclude={"url"}).encode("utf-8"), self._mtime_ns()
             )
         except OSError as exc:  # permissions, a full disk, a vanished folder: all stop saving
             raise self._not_writable(exc) from None
         return record
 
     # --- reading ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _unknown(image_id: str) -> InputNotFoundError:
-        shown = image_id if len(image_id) <= 80 else image_id[:80] + "..."
-        return InputNotFoundError(
-            f"no saved image with id {shown!r}; ids come from generate_image/edit_image results "
-            f"(the uri imagegen://images/<id>)"
-        )
 
     def _read_record(self, image_id: str) -> ImageRecord:
         try:
@@ -284,10 +328,13 @@ class ImageStore:
             raise InputNotFoundError(f"the record of image {image_id!r} is damaged and cannot be used") from None
 
     def get(self, image_id: str) -> ImageRecord:
-        """The record of a saved image whose file is still there."""
+        """The record of a saved image whose file is still there, if it is the caller's: another
+        person's image is answered exactly as one that does not exist (owners.py)."""
         if not is_valid_id(image_id):  # checked before any path is built from it
             raise self._unknown(str(image_id))
         record = self._read_record(image_id)
+        if record.owner != current_owner():
+            raise self._unknown(image_id)
         if not Path(record.path).is_file():
             # The whole folder may have been moved: the file then sits beside its records.
             moved = self.output_dir / Path(record.path).name
@@ -304,16 +351,6 @@ class ImageStore:
             return Path(record.path).read_bytes(), record.mime_type
         except OSError as exc:
             raise InputNotFoundError(f"image {image_id!r} at {record.path} cannot be read: {exc.strerror}") from None
-
-    def resolve_uri(self, uri: str) -> ImageRecord:
-        """The record behind `imagegen://images/{id}`."""
-        if not isinstance(uri, str) or not uri.startswith(URI_PREFIX):
-            raise InvalidRequestError(f"{str(uri)[:80]!r} is not an image URI; they look like {URI_PREFIX}<id>")
-        return self.get(uri[len(URI_PREFIX) :].rstrip("/"))
-
-    def recent(self, limit: int = 50) -> list[ImageRecord]:
-        """The newest records first; reads only as many files as it returns (plus any skipped)."""
-        return self.page(None, limit)[0]
 
     def _stamped(self) -> list[tuple[int, str]]:
         """(record time in ns, id) of every record, newest first."""
@@ -355,25 +392,6 @@ class ImageStore:
             if len(out) >= limit:
                 return out, (_encode_cursor(key) if i + 1 < len(stamped) else None)
         return out, None
-
-    def lineage(self, image_id: str, max_depth: int = 4) -> list[ImageRecord]:
-        """The image and up to max_depth ancestors (following parent_ids[0]), oldest first.
-
-        Stops quietly at a parent that is gone or at a cycle: lineage is context, not a requirement.
-        """
-        chain = [self.get(image_id)]
-        seen = {image_id}
-        while len(chain) <= max_depth and chain[-1].parent_ids:
-            parent = chain[-1].parent_ids[0]
-            if parent in seen:
-                break
-            seen.add(parent)
-            try:
-                chain.append(self.get(parent))
-            except InputNotFoundError:
-                break
-        chain.reverse()
-        return chain
 
     def is_inside(self, path: str | os.PathLike[str]) -> bool:
         """Whether a path (after resolving `..` and symlinks) lies in the output directory."""

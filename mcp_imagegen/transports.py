@@ -10,8 +10,8 @@ Both network transports: DNS-rebinding protection (Host and Origin checked) on l
 bearer token checked in constant time on every request when one is set (401 with
 `WWW-Authenticate: Bearer` otherwise); a refusal to serve a non-loopback address without a token
 unless `allow_unauthenticated`; request bodies up to `settings.max_request_body_mb` (413 beyond),
-since `edit_image` arguments can carry base64 images; 404 for OAuth discovery documents (there is
-no OAuth). The image service is made and entered once per app in the ASGI lifespan, so background
+since `edit_image` arguments can carry base64 images; with `[oauth]` configured, OAuth access
+tokens instead of the static token (oauth.py), else 404 for OAuth discovery documents. The image service is made and entered once per app in the ASGI lifespan, so background
 jobs outlive the requests and sessions that started them. What protects them under abuse lives in
 http_guard.py (connections: timeouts, the descriptor cap) and http_sessions.py (sessions per
 client); requests the SDK cannot read are answered by rpc_errors.py, on stdio too.
@@ -62,11 +62,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, auth_token: str | None, allow_unauthenticated: bool) -> None:
+def check_bind(host: str, auth_token: str | None, allow_unauthenticated: bool, oauth: bool = False) -> None:
     """Refuse to serve a non-loopback address without a token, unless explicitly allowed."""
     if auth_token is not None and not auth_token.strip():
         raise ConfigError("the auth token is empty; give a non-empty token or none")
-    if auth_token or is_loopback(host) or allow_unauthenticated:
+    if auth_token and oauth:
+        raise ConfigError(
+            "both a static auth token and [oauth] are configured; a server signs people in one way: "
+            "drop --auth-token (and MCP_IMAGEGEN_AUTH_TOKEN) or the [oauth] table"
+        )
+    if auth_token or oauth or is_loopback(host) or allow_unauthenticated:
         return
     raise ConfigError(
         f"refusing to serve {host!r} without authentication: anyone who can reach this address could "
@@ -148,8 +153,15 @@ def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: 
     app.add_middleware(DrainGate, service=service)
     # Read by uvicorn_config: whoever serves this app gets its connection limits.
     app.state.connection_limits = connection_limits(settings.request_read_timeout_s)
-    if auth_token:
+    if settings.oauth is not None:
+        from .oauth import OAuthMiddleware
+
+        app.add_middleware(OAuthMiddleware, oauth=settings.oauth, max_body=_max_body(settings))
+    elif auth_token:
         app.add_middleware(BearerAuthMiddleware, token=auth_token)
+    from .health import HealthRoutes
+
+    app.add_middleware(HealthRoutes, service=service)  # outermost: probes carry no token
     return app
 
 
@@ -169,7 +181,7 @@ def _served(
     from .server import build_server
     from .service import ImageService
 
-    check_bind(host, auth_token, allow_unauthenticated)
+    check_bind(host, auth_token, allow_unauthenticated, oauth=settings.oauth is not None)
     service = service or ImageService(settings)
     return service, build_server(settings, service)
 
@@ -336,7 +348,7 @@ def run_http(
     allow_unauthenticated: bool = False,
 ) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp. Raises ConfigError for an unsafe bind."""
-    check_bind(host, auth_token, allow_unauthenticated)
+    check_bind(host, auth_token, allow_unauthenticated, oauth=settings.oauth is not None)
     _run(
         serve_http,
         settings,
@@ -357,5 +369,5 @@ def run_sse(
     allow_unauthenticated: bool = False,
 ) -> None:
     """Serve legacy SSE at http://HOST:PORT/sse. Raises ConfigError for an unsafe bind."""
-    check_bind(host, auth_token, allow_unauthenticated)
+    check_bind(host, auth_token, allow_unauthenticated, oauth=settings.oauth is not None)
     _run(serve_sse, settings, host=host, port=port, auth_token=auth_token, allow_unauthenticated=allow_unauthenticated)

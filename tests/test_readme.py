@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from mcp_imagegen.config import EndpointConfig, Settings
+from mcp_imagegen.config import EndpointConfig, OAuthScopes, OAuthSettings, Settings, SpendingSettings, StorageSettings
 from mcp_imagegen.manifests import available_providers, load_manifest
 from mcp_imagegen.models import CAPABILITIES
 from mcp_imagegen.resolution import resolve
@@ -42,7 +42,7 @@ def _default(model: type[BaseModel], name: str) -> str:
 def settings_table() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        if field.exclude or name == "endpoints":
+        if field.exclude or name in ("endpoints", "oauth", "spending", "storage"):  # tables documented in their own sections
             continue
         rows.append(f"| `{name}` | {_default(Settings, name)} | {field.description} |")
     rows.append("| `[[endpoints]]` | see below | one table per gateway endpoint |")
@@ -80,6 +80,13 @@ def gateways_table() -> str:
 def test_configuration_reference_matches_the_settings_model() -> None:
     table = settings_table()
     assert table in README, "README's configuration table is out of date; expected:\n" + table
+
+
+def test_serving_a_team_documents_every_team_setting() -> None:
+    section = README.split("## Serving a team", 1)[1].split("\n## ", 1)[0]
+    keys = [name for name in OAuthSettings.model_fields if name != "scopes"] + [f"scopes.{n}" for n in OAuthScopes.model_fields]
+    for key in keys + list(SpendingSettings.model_fields) + list(StorageSettings.model_fields):
+        assert f"`{key}`" in section, f"README's 'Serving a team' does not describe the setting {key}"
 
 
 def test_gateway_table_matches_the_manifests() -> None:
