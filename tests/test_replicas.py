@@ -280,7 +280,7 @@ async def test_a_job_started_through_one_replica_is_collected_through_another(
         emu.hold()
         with anyio.fail_after(120):
             async with t.client() as client:
-                started = await client.call_tool("generate_image", {"prompt": "slow fox", "model": "gpt-image-1"})
+                started = await client.call_tool("generate_image", {"prompt": "slow fox", "model": "gpt-image-2"})
                 assert status_of(started) == "running", texts(started)
                 job_id = started.structured_content["job_id"]
                 starter = t.last_upstream("generate_image")
@@ -307,7 +307,7 @@ async def test_a_replica_killed_mid_job_loses_nothing_the_others_held(
                 # Images made before, on whichever replicas nginx chose.
                 before = []
                 for i in range(3):
-                    made = await client.call_tool("generate_image", {"prompt": f"kept {i}", "model": "gpt-image-1"})
+                    made = await client.call_tool("generate_image", {"prompt": f"kept {i}", "model": "gpt-image-2"})
                     made = await finished(client, made)
                     before += [img["uri"] for img in made.structured_content["images"]]
 
@@ -315,7 +315,7 @@ async def test_a_replica_killed_mid_job_loses_nothing_the_others_held(
                 emu.hold()
                 jobs: dict[str, str] = {}  # replica -> job id
                 while len(jobs) < 2:
-                    started = await client.call_tool("generate_image", {"prompt": "held", "model": "gpt-image-1"})
+                    started = await client.call_tool("generate_image", {"prompt": "held", "model": "gpt-image-2"})
                     assert status_of(started) == "running", texts(started)
                     job_id = started.structured_content["job_id"]
                     jobs.setdefault(t.replica_of_job(job_id), job_id)

@@ -59,17 +59,17 @@ async def test_a_person_over_the_limit_is_refused_before_the_gateway_sees_anythi
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)], spending={"person_usd_per_day": 0.05})
     async with ImageService(settings) as service:
         with pytest.raises(SpendingLimitError) as refused:
-            await service.generate(ImageRequest(operation="generate", prompt="two foxes", model="gpt-image-1", n=2))
+            await service.generate(ImageRequest(operation="generate", prompt="two foxes", model="gpt-image-2", n=2))
         said = refused.value.agent_text()
         assert "$0.05 is left" in said and "estimated at $0.08" in said and "Nothing was sent" in said
         assert "at most 1 image" in said and "OpenAI list price" in said
         assert paid_requests(emu) == []
 
         # One image fits; it is recorded, and then nothing is left for another.
-        await service.generate(ImageRequest(operation="generate", prompt="one fox", model="gpt-image-1"))
+        await service.generate(ImageRequest(operation="generate", prompt="one fox", model="gpt-image-2"))
         assert len(paid_requests(emu)) == 1
         with pytest.raises(SpendingLimitError) as again:
-            await service.generate(ImageRequest(operation="generate", prompt="one more", model="gpt-image-1"))
+            await service.generate(ImageRequest(operation="generate", prompt="one more", model="gpt-image-2"))
         assert "$0.01 is left" in again.value.agent_text()
         assert len(paid_requests(emu)) == 1
     assert spend_book(tmp_path) == {LOCAL_OWNER: 0.042, SERVER_TOTAL: 0.042}
@@ -112,9 +112,9 @@ async def test_the_server_limit_covers_everyone_together(tmp_path: Path, emulato
     )
     async with ImageService(settings) as service:
         with acting_as("person-alice"):
-            await service.generate(ImageRequest(operation="generate", prompt="a", model="gpt-image-1", n=2))
+            await service.generate(ImageRequest(operation="generate", prompt="a", model="gpt-image-2", n=2))
         with acting_as("person-bob"), pytest.raises(SpendingLimitError) as refused:
-            await service.generate(ImageRequest(operation="generate", prompt="b", model="gpt-image-1"))
+            await service.generate(ImageRequest(operation="generate", prompt="b", model="gpt-image-2"))
     said = refused.value.agent_text()
     assert "this server's daily spending limit of $0.10" in said and "$0.02 is left" in said
     assert len(paid_requests(emu)) == 1  # Alice's one call (two images in one request)

@@ -171,7 +171,7 @@ async def test_a_job_in_redis_is_seen_by_another_instance(
         emu.hold()
         async with ImageService(second) as other:
             async with ImageService(first) as one:
-                job = one.submit(ImageRequest(operation="generate", prompt="slow", model="gpt-image-1"))
+                job = one.submit(ImageRequest(operation="generate", prompt="slow", model="gpt-image-2"))
                 with anyio.fail_after(30):
                     while emu.in_flight < 1:
                         await anyio.sleep(0.02)
@@ -198,21 +198,21 @@ async def test_spend_in_redis_is_shared(tmp_path: Path, emulator: Any, monkeypat
         ]
         async with ImageService(settings[0]) as one, ImageService(settings[1]) as other:
             with acting_as("person-a"):
-                await one.generate(ImageRequest(operation="generate", prompt="one", model="gpt-image-1"))
+                await one.generate(ImageRequest(operation="generate", prompt="one", model="gpt-image-2"))
                 with pytest.raises(SpendingLimitError):
-                    await other.generate(ImageRequest(operation="generate", prompt="two", model="gpt-image-1"))
+                    await other.generate(ImageRequest(operation="generate", prompt="two", model="gpt-image-2"))
             assert other.spending.book.totals(today(), "person-a") == (pytest.approx(0.042), pytest.approx(0.042))
             assert other.spending.book.totals(today(), "nobody") == (0.0, pytest.approx(0.042))
 
             # A call still running on one instance holds its estimate against the limit on the other.
             emu.hold()
             with acting_as("person-c"):
-                running = one.submit(ImageRequest(operation="generate", prompt="held", model="gpt-image-1"))
+                running = one.submit(ImageRequest(operation="generate", prompt="held", model="gpt-image-2"))
                 with anyio.fail_after(30):
                     while emu.in_flight < 1:
                         await anyio.sleep(0.02)
                 with pytest.raises(SpendingLimitError) as refused:
-                    await other.generate(ImageRequest(operation="generate", prompt="also", model="gpt-image-1"))
+                    await other.generate(ImageRequest(operation="generate", prompt="also", model="gpt-image-2"))
                 assert "after the calls still running" in refused.value.agent_text()
                 emu.release()
                 with anyio.fail_after(60):
