@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from .config import StorageSettings
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
 from .jobs import JobRecord, _valid_job_id
-from .models import ImageRecord, Operation
+from .models import ImageRecord, Origin
 from .owners import current_owner
 from .store import URI_PREFIX, StoreLookups, _slug, is_valid_id
 
@@ -155,7 +155,7 @@ class BucketImageStore(StoreLookups):
         width: int,
         height: int,
         prompt: str,
-        operation: Operation,
+        operation: Origin,
         model: str,
         endpoint: str,
         provider: str,
@@ -163,6 +163,7 @@ class BucketImageStore(StoreLookups):
         parent_ids: list[str] | None = None,
         revised_prompt: str | None = None,
         job_id: str | None = None,
+        frames: int | None = None,
         owner: str | None = None,
     ) -> ImageRecord:
         from .images import EXTENSIONS
@@ -197,6 +198,7 @@ class BucketImageStore(StoreLookups):
                     parent_ids=list(parent_ids or []),
                     created_at=now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
                     job_id=job_id,
+                    frames=frames,
                     owner=owner,
                 )
                 body = record.model_dump_json(indent=1, exclude={"url"}).encode()

@@ -237,6 +237,14 @@ def user_config_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "mcp-imagegen"
 
 
+def user_state_dir() -> Path:
+    """The per-user folder for what this machine keeps for itself (XDG state on Linux)."""
+    home = Path.home()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "mcp-imagegen"
+    return Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "mcp-imagegen"
+
+
 def config_path(env: Mapping[str, str]) -> tuple[Path, bool]:
     """The configuration file to read, and whether the user named it explicitly."""
     named = _env_value(env, CONFIG_ENV)

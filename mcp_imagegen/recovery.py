@@ -231,12 +231,10 @@ def _adopt(path: Path, meta_dir: Path, slug: str, tag: str, ext: str) -> bool:
 
 def recovery_folders() -> list[Path]:
     """Where unsaved images go: the user's state folder first, the temporary folder second."""
-    home = Path.home()
-    state = os.environ.get("XDG_STATE_HOME") or str(home / ".local" / "state")
-    if os.name == "nt":
-        state = os.environ.get("LOCALAPPDATA") or state
+    from .config import user_state_dir
+
     return [
-        Path(state) / "mcp-imagegen" / RECOVERED_DIR_NAME,
+        user_state_dir() / RECOVERED_DIR_NAME,
         Path(tempfile.gettempdir()) / f"mcp-imagegen-{RECOVERED_DIR_NAME}",
     ]
 

@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 
 from . import b64, checks
 from .catalog import ModelCatalog, Route, missing_key_error
-from .config import Settings
+from .config import Settings, user_state_dir
 from .errors import (
     BadGatewayResponseError,
     ConfigError,
@@ -101,7 +101,9 @@ class ImageService:
         self._stack = AsyncExitStack()
         self._gateway: Any = None  # GatewayClient, imported lazily: start-up does not need httpx
         # What gateways taught about their models, kept beside the image records across restarts.
-        self._learned = LearnedFacts(self.store.meta_dir / "state" / STATE_FILE)
+        # (A bucket store has no folder: each replica then keeps its own lessons on its own disk.)
+        meta_dir = getattr(self.store, "meta_dir", None)
+        self._learned = LearnedFacts((meta_dir / "state" if meta_dir else user_state_dir()) / STATE_FILE)
         self._catalog = ModelCatalog(settings, None, self._learned)
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_MANIFEST = ROOT / "manifests" / "manifest.json"
 # The files `uv run` needs to install and start the server from an unpacked bundle.
 BUNDLE_FILES = ("pyproject.toml", "README.md")
-BUNDLE_TREES = (("mcp_imagegen", "*.py"), ("manifests", "*.toml"))
+BUNDLE_TREES = (("mcp_imagegen", "*.py"), ("mcp_imagegen", "*.html"), ("manifests", "*.toml"))
 
 
 def bundle_members(root: Path = ROOT) -> dict[str, Path]:

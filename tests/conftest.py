@@ -32,6 +32,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("MCP_IMAGEGEN_CONFIG", "MCP_IMAGEGEN_AUTH_TOKEN", "MCP_IMAGEGEN_LOG_LEVEL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.setenv("MCP_IMAGEGEN_OUTPUT_DIR", str(tmp_path / "out"))
 
 

@@ -419,7 +419,8 @@ def test_the_bundle_holds_the_manifest_and_a_runnable_server(tmp_path: Path) -> 
         assert mcpb_problems(json.loads(z.read("manifest.json"))) == []
         assert manifest["server"]["entry_point"] in names
         assert {"pyproject.toml", "README.md"} <= set(names)
-        providers = {p.name for p in (ROOT / "manifests").glob("*.toml")}
+        providers = {p.relative_to(ROOT / "manifests").as_posix() for p in (ROOT / "manifests").rglob("*.toml")}
+        assert "mcp_imagegen/app/studio.html" in names  # the image studio ships with the server
         assert {n.removeprefix("manifests/") for n in names if n.startswith("manifests/")} == providers
         assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
         z.extractall(tmp_path / "unpacked")

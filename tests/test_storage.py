@@ -217,3 +217,17 @@ async def test_spend_in_redis_is_shared(tmp_path: Path, emulator: Any, monkeypat
                 emu.release()
                 with anyio.fail_after(60):
                     await running.wait(None)
+
+
+def test_both_stores_take_the_same_save_arguments() -> None:
+    # The engine calls `save` the same way whichever store is configured: a field one store
+    # records and the other does not know would fail only where that store is used.
+    import inspect
+
+    from mcp_imagegen.bucket_store import BucketImageStore
+    from mcp_imagegen.store import ImageStore
+
+    def shape(method: object) -> list[tuple[str, object]]:
+        return [(p.name, p.kind) for p in inspect.signature(method).parameters.values()]  # type: ignore[arg-type]
+
+    assert shape(BucketImageStore.save) == shape(ImageStore.save)
