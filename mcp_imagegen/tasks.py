@@ -23,6 +23,7 @@ module when it ships.
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -114,7 +115,7 @@ async def _make_durable(svc: Any, job: Job) -> JobRecord:
     top of a newer one, so it is written again until what is on disk is the job as it is now."""
     while True:
         record = job.to_record()
-        await on_disk(lambda record=record: svc.store.jobs.write_durable(record))  # type: ignore[misc]
+        await on_disk(functools.partial(svc.store.jobs.write_durable, record))
         if _same_state(record, job.to_record()):
             return record
 

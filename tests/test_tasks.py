@@ -1,8 +1,10 @@
 """Long generations as tasks (io.modelcontextprotocol/tasks, 2026-07-28), through the SDK's Client.
 
 A client-side extension claims the `resultType: "task"` shape; `tasks/get` and `tasks/cancel` go
-over the same session. Image requests are held at the OpenAI emulator until the test releases
-them, so a job is running exactly as long as the test needs, with no timing involved.
+over the same session. Image requests are held at the OpenAI emulator until the test lets them
+through, so a job is running exactly as long as the test needs, with no timing involved. A task is
+its job, so the job's record on disk is what a new service, or a new server process (stdio, with
+a real SIGKILL for the interrupted case), answers from.
 """
 
 from __future__ import annotations
