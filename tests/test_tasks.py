@@ -347,14 +347,18 @@ async def test_a_task_outlives_its_server_process(tmp_path: Path, emu: OpenAIEmu
         async with stdio_server(tmp_path, env, "first") as first:
             handle = await start_task(first, "outlives its host")
             await condition(lambda: gate.arrived == 1, "the request at the gateway")
-        # The host closed the server; the worker finishes the request it sent, saves, and exits.
-        gate.release()
-        record = await condition(
-            lambda: (r := job_record(out, handle.task_id)) is not None and r.status == "done" and r, "the job to end"
-        )
-        await condition(lambda: process_gone(record.pid), "the first server process to exit")
+        # The host closed the first server; its worker still waits on the request it sent.
         async with stdio_server(tmp_path, env, "second") as second:
+            working = await task_get(second, handle.task_id)
+            gate.release()
+            record = await condition(
+                lambda: (r := job_record(out, handle.task_id)) is not None and r.status == "done" and r,
+                "the first server to save the image",
+            )
             done = await task_get(second, handle.task_id)
+        await condition(lambda: process_gone(record.pid), "the first server process to exit")
+    # Another process answered for the job while it ran, then with its images.
+    assert working.status == "working" and working.status_message == "0 of 1 image(s) saved"
     assert done.status == "completed" and done.created_at == handle.created_at
     [image] = images_of(done)
     assert Path(image["path"]).is_file() and image["uri"].endswith(record.image_ids[0])
