@@ -233,6 +233,15 @@ class JobBook:
                 pass
             raise
 
+    def write_durable(self, record: JobRecord) -> None:
+        """Like `write`, and flushed to the disk with its folder before it returns: for a record
+        whose id was promised to outlive a crash (a task id, tasks.py)."""
+        from .store import ImageStore
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ImageStore._write_atomic(self._path(record.id), record.model_dump_json(indent=1).encode("utf-8"))
+        ImageStore._fsync_dir(self.folder)
+
     def read(self, job_id: str) -> JobRecord | None:
         if not _valid_job_id(job_id):
             return None
