@@ -39,6 +39,7 @@ from pydantic import Field
 from . import results
 from .errors import InputNotFoundError
 from .jobs import Job, JobRecord
+from .owners import current_owner
 from .work import on_disk
 
 log = logging.getLogger("mcp_imagegen.tasks")
@@ -129,7 +130,10 @@ async def _find(svc: Any, task_id: str) -> tuple[Job, JobRecord | None]:
         pass
     if record is None:
         raise _unknown(task_id)
-    return await svc.find_job(task_id), record
+    try:
+        return await svc.find_job(task_id), record
+    except InputNotFoundError:  # someone else's job: answered as no task at all
+        raise _unknown(task_id) from None
 
 
 class TasksExtension(Extension):
@@ -206,7 +210,8 @@ class TasksExtension(Extension):
             job = svc.job(params.task_id)
         except InputNotFoundError:
             # Not a job of this process: one that ended before (nothing left to stop), or unknown.
-            if await on_disk(lambda: svc.store.jobs.read(params.task_id)) is None:
+            record = await on_disk(lambda: svc.store.jobs.read(params.task_id))
+            if record is None or record.owner != current_owner():
                 raise _unknown(params.task_id) from None
             return {"resultType": "complete"}
         job.cancel()  # unsent requests are dropped; sent ones are awaited and their images saved
