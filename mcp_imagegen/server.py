@@ -488,6 +488,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         job.detach_progress()
         inline = inline_full or settings.inline_full_image
         if result is None:
+            await svc.recorded(job)  # its id leaves the server now: get_image finds it after a restart
             return await results.still_running(
                 job,
                 read_bytes=read_bytes,

@@ -38,7 +38,7 @@ from .errors import (
     ModelNotFoundError,
 )
 from .heap import IdleTrim, settle_heap
-from .jobs import Job, JobRecord, ProgressFn, Stopped
+from .jobs import Job, JobRecord, JobRecorder, ProgressFn, Stopped
 from .learning import STATE_FILE, LearnedFacts
 from .limits import preview_bytes_for
 from .models import (
@@ -102,6 +102,7 @@ class ImageService:
         self._catalog = ModelCatalog(settings, None, self._learned)
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}
+        self._records = JobRecorder(self.store.jobs)
         self._idle_trim = IdleTrim()
         self._draining = False
         self._in_flight_at_stop: list[Job] = []
@@ -109,6 +110,7 @@ class ImageService:
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
+        self._records.start(self._tasks)
         # Hold the store and put right what a crash left, before the first job can write.
         await on_disk(self.store.open_live)
         self._stack.callback(self.store.close_live)
@@ -170,6 +172,8 @@ class ImageService:
                 await job._done.wait()
         report.images_saved = sum(len(job.saved) for job in running)
         report.not_sent = sum(job.not_sent for job in running)
+        with anyio.CancelScope(shield=True):
+            await self._records.idle()  # no older state of a job lands after "interrupted"
         for job in running:
             if job.status == "running":
                 report.interrupted.append(job.id)
@@ -192,17 +196,15 @@ class ImageService:
                 f"the server stopped while this job waited on the gateway; {len(job.saved)} image(s) "
                 "received before that were saved"
             )
+        self._records.drop(job)
         try:
             self.store.jobs.write(record)
         except OSError:
             log.warning("could not record job %s as %s", job.id, status, exc_info=True)
 
-    async def _persist(self, job: Job) -> None:
-        try:
-            record = job.to_record()  # taken now, on the loop: the job may move on meanwhile
-            await on_disk(lambda: self.store.jobs.write(record))
-        except OSError as exc:  # a job record is a convenience; the image records are the truth
-            log.debug("could not write the record of job %s: %s", job.id, exc)
+    async def recorded(self, job: Job) -> None:
+        """Wait until the job's record is on disk: before its id is handed to a client."""
+        await self._records.durable(job)
 
     async def _gateway_client(self) -> Any:
         if self._gateway is None:
@@ -368,7 +370,7 @@ class ImageService:
             del self._jobs[old.id]
 
     async def _run_job(self, job: Job) -> None:
-        await self._persist(job)
+        self._records.note(job)  # written meanwhile; `recorded` awaits it before the id leaves
         try:
             job.result = await self._execute(job)
             job.status = "done"
@@ -392,7 +394,9 @@ class ImageService:
         job.request.images = []
         job.request.mask = None
         with anyio.CancelScope(shield=True):
-            await self._persist(job)
+            self._records.note(job)
+            await self._records.durable(job)
+        self._records.forget(job)
         job._done.set()
         settle_heap()  # once per process, after the first job has loaded the lazy modules
         if self._tasks is not None:
@@ -828,7 +832,7 @@ class ImageService:
                 "the server never renders it, but open it only in a viewer you trust"
             )
         job.saved.append(SavedImage.model_validate(record.model_dump()))
-        await self._persist(job)  # so a crash from here on still knows this image is the job's
+        self._records.note(job)  # so a crash from here on still knows this image is the job's
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
 
     async def _kept_elsewhere(
