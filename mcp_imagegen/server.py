@@ -252,8 +252,9 @@ async def _await_job(job: Any, seconds: float, progress: _Progress | None, what:
         result = await job.wait(max(0.0, min(remaining, HEARTBEAT_S)))
         if result is not None:
             return result
-        if job.status != "running":
-            # wait() raised for failures; a finished job without a result is a bug upstream.
+        if job.finished:
+            # wait() raised for failures; a finished job without a result is a bug upstream. (Its
+            # status may say "done" a moment before it finishes: its final record is being written.)
             raise ImageGenError(f"job {job.id} ended ({job.status}) without a result")
         if end - anyio.current_time() <= 0:
             return None
