@@ -54,7 +54,7 @@ from .models import (
 )
 from .store import ImageStore
 from .svg import SVG_MIME
-from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
+from .work import SharedOnDisk, in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
 if TYPE_CHECKING:
     from .images import Output  # Pillow loads with the first image, not at start-up
@@ -103,6 +103,7 @@ class ImageService:
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}
         self._records = JobRecorder(self.store.jobs)
+        self._free_bytes = SharedOnDisk(self.store.free_bytes)  # calls arriving together share a probe
         self._idle_trim = IdleTrim()
         self._draining = False
         self._in_flight_at_stop: list[Job] = []
@@ -409,7 +410,7 @@ class ImageService:
         job.check_not_stopped()
         # Before anything is sent (and paid for): a folder that cannot take the images is refused.
         need = request.n * _image_bytes_estimate(request.size)
-        await on_disk(lambda: self.store.check_room(need))
+        self.store.judge_room(await self._free_bytes(), need)
         await self._needs_gateway()
         routes = await self._catalog.routes(
             model=request.model,
