@@ -544,13 +544,22 @@ async def stdio_server(
     async with client:
         new = sorted(child_pids() - before)
         pid = new[-1] if new else None
+        groups = []
         if pid is not None:
-            REGISTRY.adopt_group(pid)  # the SDK starts it in its own session: pgid == pid
+            groups.append(pid)  # the SDK starts it in its own session: pgid == pid
+            # On POSIX that process is the stdio relay; the server is its child, in a session
+            # of its own (and answered `initialize`, so it runs by now). Measure the server.
+            worker = sorted(child_pids(pid))
+            if worker:
+                pid = worker[-1]
+                groups.append(pid)
+        for group in groups:
+            REGISTRY.adopt_group(group)
         try:
             yield StdioServer(client, pid)
         finally:
-            if pid is not None:
-                REGISTRY.release_group(pid)
+            for group in groups:
+                REGISTRY.release_group(group)
 
 
 def imagegen_stdio_args() -> list[str]:
@@ -653,8 +662,10 @@ def result_inline_bytes(result: CallToolResult) -> int:
     return total
 
 
-async def call_generate(client: Client, endpoint: str, n: int = 1, size: str = SIZE) -> CallToolResult:
-    result = await client.call_tool("generate_image", generate_args(endpoint, n, size))
+async def call_generate(
+    client: Client, endpoint: str, n: int = 1, size: str = SIZE, model: str = MODEL
+) -> CallToolResult:
+    result = await client.call_tool("generate_image", generate_args(endpoint, n, size, model))
     return check_result(result, n)
 
 

@@ -22,6 +22,7 @@ import time
 import anyio
 
 from .harness import (
+    MODEL,
     BenchContext,
     Budget,
     CpuTimes,
@@ -65,6 +66,7 @@ async def _peak(
     size: str,
     concurrent: int,
     last_endpoint_toml: str = "",
+    model: str = MODEL,
 ) -> tuple[Rss, Rss, float, Rss]:
     """(warm idle, after the concurrent calls, seconds, SETTLE_S later) for a fresh server.
 
@@ -74,11 +76,11 @@ async def _peak(
         config.write_text(config.read_text() + last_endpoint_toml)
     with ctx.errlog(config_name) as errlog:
         async with stdio_server(imagegen_stdio_args(), ctx.stdio_env(config), errlog) as server:
-            await call_generate(server.client, endpoint, 1, "1024x1024")
+            await call_generate(server.client, endpoint, 1, "1024x1024", model)
             idle = _rss(server)
 
             async def one() -> None:
-                await call_generate(server.client, endpoint, 1, size)
+                await call_generate(server.client, endpoint, 1, size, model)
 
             t0 = time.perf_counter()
             with anyio.fail_after(180):
@@ -131,7 +133,9 @@ async def run(ctx: BenchContext) -> list[Metric]:
     endpoints = [EndpointSpec("big", big.base_url, provider="openai-compatible", models=("gpt-image-1",))]
     # The gpt-image-1 family's sizes stop at 1536 px; this gateway takes more, as configured.
     override = f'[endpoints.model_overrides."gpt-image-1"]\nsizes = ["1024x1024", "2048x2048", "{BIG_SIZE}", "auto"]\n'
-    idle, after, secs, settled = await _peak(ctx, "memory-big", endpoints, "big", BIG_SIZE, concurrent, override)
+    idle, after, secs, settled = await _peak(
+        ctx, "memory-big", endpoints, "big", BIG_SIZE, concurrent, override, model="gpt-image-1"
+    )
     ctx.log(f"memory 8x flat 4096: idle {idle.rss_mib:.0f} MiB, peak {after.hwm_mib:.0f} MiB ({secs:.1f}s)")
     metrics.append(
         Metric(

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from .config import StorageSettings
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
-from .jobs import JobRecord, _valid_job_id
+from .jobs import JobRecord, RemoteJobBookWrites, _valid_job_id
 from .models import ImageRecord, Origin
 from .owners import current_owner
 from .store import URI_PREFIX, StoreLookups, _slug, is_valid_id
@@ -287,7 +287,7 @@ def _decode_cursor(cursor: str) -> str:
     return marker
 
 
-class BucketJobBook:
+class BucketJobBook(RemoteJobBookWrites):
     """Job records in the bucket (without Redis). Liveness is by process on one host only."""
 
     def __init__(self, bucket: Bucket) -> None:

@@ -20,7 +20,7 @@ import anyio
 
 from .config import EndpointConfig, Settings
 from .errors import AuthenticationError, ImageGenError, InvalidRequestError, ModelNotFoundError
-from .learning import LearnedFacts
+from .learning import LearnedFacts, Lesson
 from .manifests import Manifest, ModelSpec, load_manifest
 from .models import Capability, ModelInfo, Operation
 from .resolution import Belief, describe_sources, family_for, resolve
@@ -48,6 +48,37 @@ class Route:
 class _Discovered:
     at: float
     models: dict[str, DiscoveredModel]
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """A belief and the inputs it was resolved from. Resolving costs about a millisecond of the
+    event loop per model, and routing and checking a call look at every model of the endpoint, so
+    a belief is reused while its inputs are the same objects: a refreshed discovery, a replaced
+    override or a new (or expired) lesson makes the next call resolve again."""
+
+    manifest: Manifest
+    discovered: DiscoveredModel | None
+    override: ModelSpec | None
+    lessons: tuple[Lesson, ...]
+    belief: Belief
+
+    def fits(
+        self,
+        manifest: Manifest,
+        discovered: DiscoveredModel | None,
+        override: ModelSpec | None,
+        lessons: tuple[Lesson, ...],
+    ) -> bool:
+        return (
+            self.manifest is manifest
+            and self.discovered is discovered
+            and self.override is override
+            and self.lessons == lessons
+        )
+
+
+RESOLVED_KEPT = 2048  # beliefs kept; agents may name any model on some gateways, so it is bounded
 
 
 def missing_key_error(endpoint: EndpointConfig, manifest: Manifest) -> AuthenticationError | None:
@@ -96,6 +127,7 @@ class ModelCatalog:
         # (endpoint, model) -> when the gateway said the model is not there: not sent again
         # until discovery is due again (a second try would only fail the same way).
         self._gone_at: dict[tuple[str, str], float] = {}
+        self._resolved: dict[tuple[str, str], _Resolved] = {}  # (endpoint, model) -> its last belief
         self.learned = learned or LearnedFacts(None)
 
     # --- what is true of a model ---------------------------------------------------------------
@@ -103,13 +135,19 @@ class ModelCatalog:
     def belief(self, endpoint: EndpointConfig, model_id: str) -> Belief:
         """What is believed about `model_id` on `endpoint`, whether or not it is served there."""
         found = self._discovered.get(endpoint.name)
-        return resolve(
-            model_id,
-            load_manifest(endpoint.provider),
-            discovered=found.models.get(model_id) if found else None,
-            override=endpoint.model_overrides.get(model_id),
-            lessons=self.learned.lessons(endpoint.name, model_id),
-        )
+        manifest = load_manifest(endpoint.provider)
+        discovered = found.models.get(model_id) if found else None
+        override = endpoint.model_overrides.get(model_id)
+        lessons = tuple(self.learned.lessons(endpoint.name, model_id))
+        key = (endpoint.name, model_id)
+        kept = self._resolved.get(key)
+        if kept is not None and kept.fits(manifest, discovered, override, lessons):
+            return kept.belief
+        belief = resolve(model_id, manifest, discovered=discovered, override=override, lessons=lessons)
+        if len(self._resolved) >= RESOLVED_KEPT:
+            self._resolved.clear()
+        self._resolved[key] = _Resolved(manifest, discovered, override, lessons, belief)
+        return belief
 
     # --- what each endpoint serves ------------------------------------------------------------
 

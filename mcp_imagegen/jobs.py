@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .errors import ImageGenError, InvalidRequestError
 from .models import GenerationResult, ImageRequest, SavedImage
 from .owners import LOCAL_OWNER, current_owner
+from .work import on_disk
 
 log = logging.getLogger("mcp_imagegen.jobs")
 
@@ -206,6 +207,24 @@ class JobRecord(BaseModel):
         return True
 
 
+class RemoteJobBookWrites:
+    """`write_all` and `write_durable` for job books whose `write` is durable once it returns (an
+    object in a bucket, a Redis key): the batched writer and tasks.py use these."""
+
+    def write(self, record: JobRecord) -> None:
+        raise NotImplementedError
+
+    def write_all(self, records: list[JobRecord]) -> None:
+        for record in records:
+            try:
+                self.write(record)
+            except Exception as exc:  # a job record is a convenience; the image records are the truth
+                log.warning("could not write the record of job %s: %s", record.id, type(exc).__name__)
+
+    def write_durable(self, record: JobRecord) -> None:
+        self.write(record)
+
+
 class JobBook:
     """Job records on disk; blocking calls (run them through `on_disk`)."""
 
@@ -218,9 +237,25 @@ class JobBook:
     def write(self, record: JobRecord) -> None:
         """Atomic (temp file, rename) but not fsync'd: the image records, which are, stay the truth
         about which images exist; a lost job record only loses the job's summary."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write(record)
+
+    def write_all(self, records: list[JobRecord]) -> None:
+        """Each record as `write` does; one that cannot be written does not keep the rest out."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.debug("could not make the job records' folder: %s", exc)
+            return
+        for record in records:
+            try:
+                self._write(record)
+            except OSError as exc:  # a job record is a convenience; the image records are the truth
+                log.debug("could not write the record of job %s: %s", record.id, exc)
+
+    def _write(self, record: JobRecord) -> None:
         from .store import TMP_SUFFIX
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         final = self._path(record.id)
         tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
         try:
@@ -254,3 +289,83 @@ class JobBook:
 def _valid_job_id(job_id: str) -> bool:
     rest = job_id.removeprefix("job_")
     return job_id.startswith("job_") and 8 <= len(rest) <= 64 and all(c.isalnum() or c in "-_" for c in rest)
+
+
+class JobRecorder:
+    """Writes job records on the file threads, off the event loop, coalesced.
+
+    A job's record changes a few times (started, each image saved, ended). `note` only marks the
+    job; the writer takes each marked job's record when it starts a trip (on the event loop: the
+    job's state then includes everything noted before) and writes them all in one trip to the
+    file threads, so a job noted three times in quick succession is written once. `durable`
+    waits until what was noted of a job is on disk: before its id leaves the server, and when it
+    ends. With 64 calls at once this is a thread hop per batch instead of three per call."""
+
+    def __init__(self, book: JobBook) -> None:
+        self._book = book
+        self._pending: dict[str, Job] = {}
+        self._noted: dict[str, int] = {}  # job id -> number of its latest noted state
+        self._count = 0  # states noted so far (all jobs)
+        self._written = 0  # every state numbered up to this is on disk (or failed to be)
+        self._flushed: anyio.Event | None = None  # set after each trip (made on the loop, when needed)
+        self._writer_running = False
+        self._tasks: Any = None  # the service's task group, which runs the writer
+
+    def start(self, tasks: Any) -> None:
+        self._tasks = tasks
+
+    def note(self, job: Job) -> None:
+        self._count += 1
+        self._pending[job.id] = job
+        self._noted[job.id] = self._count
+        if not self._writer_running and self._tasks is not None:
+            self._writer_running = True
+            self._tasks.start_soon(self._write_pending, name="job records")
+
+    async def durable(self, job: Job) -> None:
+        """Wait until the latest noted state of `job` is written (noting it first if never noted)."""
+        if job.id not in self._noted:
+            self.note(job)
+        wanted = self._noted[job.id]
+        if self._tasks is None:  # not running in a service (tests of the book alone): write here
+            await self._write_pending()
+        while self._written < wanted:
+            await self._trip_ended()
+
+    async def idle(self) -> None:
+        """Wait until nothing noted is waiting to be written or being written."""
+        while self._writer_running:
+            await self._trip_ended()
+
+    async def _trip_ended(self) -> None:
+        if self._flushed is None:
+            self._flushed = anyio.Event()
+        await self._flushed.wait()
+
+    def drop(self, job: Job) -> None:
+        """Leave the job's noted state unwritten: a state written by other means supersedes it."""
+        self._pending.pop(job.id, None)
+
+    def forget(self, job: Job) -> None:
+        """A finished job's record is written: nothing to keep about it here."""
+        if self._noted.get(job.id, 0) <= self._written:
+            self._noted.pop(job.id, None)
+
+    async def _write_pending(self) -> None:
+        # Shielded: a record noted must reach the disk even while the service is stopping, or a
+        # `durable` waiting on it would wait for ever.
+        with anyio.CancelScope(shield=True):
+            try:
+                while self._pending:
+                    records = [job.to_record() for job in self._pending.values()]
+                    self._pending = {}
+                    upto = self._count
+                    try:
+                        await on_disk(lambda batch=records: self._book.write_all(batch))
+                    finally:
+                        self._written = upto
+                        if self._flushed is not None:
+                            self._flushed.set()
+                            self._flushed = None
+            finally:
+                self._writer_running = False

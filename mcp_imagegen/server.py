@@ -252,9 +252,9 @@ async def _await_job(job: Any, seconds: float, progress: _Progress | None, what:
         result = await job.wait(max(0.0, min(remaining, HEARTBEAT_S)))
         if result is not None:
             return result
-        if job.status != "running" and job.finished:
-            # wait() raised for failures; a finished job without a result is a bug upstream. (A job
-            # whose status is final but is not finished yet is still writing its last record.)
+        if job.finished:
+            # wait() raised for failures; a finished job without a result is a bug upstream. (Its
+            # status may say "done" a moment before it finishes: its final record is being written.)
             raise ImageGenError(f"job {job.id} ended ({job.status}) without a result")
         if end - anyio.current_time() <= 0:
             return None
@@ -489,6 +489,7 @@ def build_server(settings: Settings, service: Any | None = None) -> MCPServer:
         job.detach_progress()
         inline = inline_full or settings.inline_full_image
         if result is None:
+            await svc.recorded(job)  # its id leaves the server now: get_image finds it after a restart
             return await results.still_running(
                 job,
                 read_bytes=read_bytes,

@@ -38,7 +38,7 @@ from .errors import (
     ModelNotFoundError,
 )
 from .heap import IdleTrim, settle_heap
-from .jobs import Job, JobRecord, ProgressFn, Stopped
+from .jobs import Job, JobRecord, JobRecorder, ProgressFn, Stopped
 from .learning import STATE_FILE, LearnedFacts
 from .limits import preview_bytes_for
 from .models import (
@@ -56,7 +56,7 @@ from .owners import acting_as, current_owner
 from .spending import Spending
 from .storage import job_alive, keeping_alive, open_storage
 from .svg import SVG_MIME
-from .work import in_worker, in_worker_unless_small, on_disk, watch_event_loop
+from .work import SharedOnDisk, in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
 if TYPE_CHECKING:
     from .images import Output  # Pillow loads with the first image, not at start-up
@@ -107,6 +107,8 @@ class ImageService:
         self._catalog = ModelCatalog(settings, None, self._learned)
         self._tasks: TaskGroup | None = None
         self._jobs: dict[str, Job] = {}
+        self._records = JobRecorder(self.store.jobs)
+        self._free_bytes = SharedOnDisk(self.store.free_bytes)  # calls arriving together share a probe
         self._idle_trim = IdleTrim()
         self._draining = False
         self._in_flight_at_stop: list[Job] = []
@@ -114,6 +116,7 @@ class ImageService:
 
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
+        self._records.start(self._tasks)
         # Hold the store and put right what a crash left, before the first job can write.
         await on_disk(self.store.open_live)
         self._stack.callback(self.store.close_live)
@@ -175,6 +178,8 @@ class ImageService:
                 await job._done.wait()
         report.images_saved = sum(len(job.saved) for job in running)
         report.not_sent = sum(job.not_sent for job in running)
+        with anyio.CancelScope(shield=True):
+            await self._records.idle()  # no older state of a job lands after "interrupted"
         for job in running:
             if job.status == "running":
                 report.interrupted.append(job.id)
@@ -197,17 +202,15 @@ class ImageService:
                 f"the server stopped while this job waited on the gateway; {len(job.saved)} image(s) "
                 "received before that were saved"
             )
+        self._records.drop(job)
         try:
             self.store.jobs.write(record)
         except OSError:
             log.warning("could not record job %s as %s", job.id, status, exc_info=True)
 
-    async def _persist(self, job: Job) -> None:
-        try:
-            record = job.to_record()  # taken now, on the loop: the job may move on meanwhile
-            await on_disk(lambda: self.store.jobs.write(record))
-        except OSError as exc:  # a job record is a convenience; the image records are the truth
-            log.debug("could not write the record of job %s: %s", job.id, exc)
+    async def recorded(self, job: Job) -> None:
+        """Wait until the job's record is on disk: before its id is handed to a client."""
+        await self._records.durable(job)
 
     async def _gateway_client(self) -> Any:
         if self._gateway is None:
@@ -380,7 +383,7 @@ class ImageService:
                 await self._run_job_as_owner(job)
 
     async def _run_job_as_owner(self, job: Job) -> None:
-        await self._persist(job)
+        self._records.note(job)  # written meanwhile; `recorded` awaits it before the id leaves
         try:
             job.result = await self._execute(job)
             job.status = "done"
@@ -404,7 +407,9 @@ class ImageService:
         job.request.images = []
         job.request.mask = None
         with anyio.CancelScope(shield=True):
-            await self._persist(job)
+            self._records.note(job)
+            await self._records.durable(job)
+        self._records.forget(job)
         job._done.set()
         settle_heap()  # once per process, after the first job has loaded the lazy modules
         if self._tasks is not None:
@@ -417,7 +422,7 @@ class ImageService:
         job.check_not_stopped()
         # Before anything is sent (and paid for): a folder that cannot take the images is refused.
         need = request.n * _image_bytes_estimate(request.size)
-        await on_disk(lambda: self.store.check_room(need))
+        self.store.judge_room(await self._free_bytes(), need)
         await self._needs_gateway()
         routes = await self._catalog.routes(
             model=request.model,
@@ -848,7 +853,7 @@ class ImageService:
                 "the server never renders it, but open it only in a viewer you trust"
             )
         job.saved.append(SavedImage.model_validate(record.model_dump()))
-        await self._persist(job)  # so a crash from here on still knows this image is the job's
+        self._records.note(job)  # so a crash from here on still knows this image is the job's
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
 
     async def _kept_elsewhere(

@@ -25,7 +25,7 @@ import anyio
 from pydantic import ValidationError
 
 from .errors import ConfigError
-from .jobs import JobRecord, _valid_job_id
+from .jobs import JobRecord, RemoteJobBookWrites, _valid_job_id
 from .work import on_disk
 
 LEASE_ENV = "MCP_IMAGEGEN_JOB_LEASE_S"  # hidden: tests shorten the lease to see a replica die
@@ -48,7 +48,7 @@ def lease_s() -> int:
         return DEFAULT_LEASE_S
 
 
-class RedisJobBook:
+class RedisJobBook(RemoteJobBookWrites):
     def __init__(self, client: Any) -> None:
         self.redis = client
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

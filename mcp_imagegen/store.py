@@ -159,9 +159,14 @@ class ImageStore(StoreLookups):
 
     def check_room(self, need_bytes: int) -> None:
         """Refuse, before anything is sent (and paid for), a folder that cannot take the images."""
+        self.judge_room(self.free_bytes(), need_bytes)
+
+    def free_bytes(self) -> int | None:
+        """Probe that both folders take a real write (root ignores permissions) and say how many
+        bytes are free (None where the system cannot say). Blocking: run it through on_disk."""
         try:
             self.meta_dir.mkdir(parents=True, exist_ok=True)
-            for folder in (self.output_dir, self.meta_dir):  # a real write: root ignores permissions
+            for folder in (self.output_dir, self.meta_dir):
                 probe = folder / f".probe.{secrets.token_hex(4)}{TMP_SUFFIX}"
                 os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
                 os.unlink(probe)
@@ -171,20 +176,24 @@ class ImageStore(StoreLookups):
             stat = os.statvfs(self.output_dir) if hasattr(os, "statvfs") else None
         except OSError:
             stat = None
-        if stat is not None:
-            free = stat.f_bavail * stat.f_frsize
-            # The hidden setting, when given, is the whole rule (for tests and tight machines).
-            given = os.environ.get(MIN_FREE_ENV)
-            try:
-                need = int(float(given) * 1024 * 1024) if given else max(DEFAULT_MIN_FREE_MB * 1024 * 1024, need_bytes)
-            except ValueError:
-                need = max(DEFAULT_MIN_FREE_MB * 1024 * 1024, need_bytes)
-            if free < need:
-                raise ConfigError(
-                    f"output_dir {self.output_dir} has only {free // (1024 * 1024)} MiB free and this call needs "
-                    f"at least {need // (1024 * 1024)} MiB; nothing was sent to the gateway. Free some room, or "
-                    f"set output_dir in the configuration or {OUTPUT_DIR_ENV} to a folder with room"
-                )
+        return stat.f_bavail * stat.f_frsize if stat is not None else None
+
+    def judge_room(self, free: int | None, need_bytes: int) -> None:
+        """Refuse a call that needs more room than `free_bytes` found."""
+        if free is None:
+            return
+        # The hidden setting, when given, is the whole rule (for tests and tight machines).
+        given = os.environ.get(MIN_FREE_ENV)
+        try:
+            need = int(float(given) * 1024 * 1024) if given else max(DEFAULT_MIN_FREE_MB * 1024 * 1024, need_bytes)
+        except ValueError:
+            need = max(DEFAULT_MIN_FREE_MB * 1024 * 1024, need_bytes)
+        if free < need:
+            raise ConfigError(
+                f"output_dir {self.output_dir} has only {free // (1024 * 1024)} MiB free and this call needs "
+                f"at least {need // (1024 * 1024)} MiB; nothing was sent to the gateway. Free some room, or "
+                f"set output_dir in the configuration or {OUTPUT_DIR_ENV} to a folder with room"
+            )
 
     # --- writing ---------------------------------------------------------------------------
 

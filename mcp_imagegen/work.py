@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -94,3 +94,45 @@ async def watch_event_loop(
             log.debug(
                 "event loop stalled", extra={"fields": {"ms": round(late * 1000, 1), "cpu_ms": round(cpu * 1000, 1)}}
             )
+
+
+class SharedOnDisk(Generic[T]):
+    """A blocking probe on the file threads, shared by the callers that ask at the same moment.
+
+    Every caller gets the answer of a run that started after it asked: callers arriving while a
+    run is under way share the next one. So 64 calls arriving together cost two trips to the
+    file threads instead of 64, and no caller gets an answer older than its question."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._next: _Run[T] | None = None  # the run callers join; it starts once none is running
+        self._running: anyio.Event | None = None  # set when the run under way ends
+
+    async def __call__(self) -> T:
+        mine = self._next = self._next or _Run()
+        while not mine.done:
+            if self._running is not None:
+                await self._running.wait()
+                continue
+            self._next, self._running = None, anyio.Event()
+            try:
+                with anyio.CancelScope(shield=True):  # the others wait on it (and threads finish anyway)
+                    mine.value = await on_disk(self._fn)
+            except Exception as exc:
+                mine.error = exc
+            finally:
+                mine.done = True
+                ended, self._running = self._running, None
+                ended.set()
+        if mine.error is not None:
+            raise mine.error
+        return mine.value  # type: ignore[return-value]
+
+
+class _Run(Generic[T]):
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: Exception | None = None
+        self.value: T | None = None

@@ -484,6 +484,9 @@ async def test_many_simultaneous_calls_finish_and_limits_hold(tmp_path: Path, em
             assert len(result.images) == 1
             done[f"{endpoint}{i}"] = anyio.current_time() - start
 
+        # Its model list is read first: without a model, routing asks for it, and a held gateway
+        # would keep every call waiting on that one request instead of on the image requests.
+        await service.list_models(endpoint="openai")
         slow.hold()  # the slow gateway answers nothing until every call to the fast one is done
         with anyio.fail_after(60), _released_at_exit(slow):
             async with anyio.create_task_group() as tg:

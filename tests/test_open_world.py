@@ -448,3 +448,48 @@ async def test_a_shut_down_model_on_a_gateway_without_a_list_is_sent_once(tmp_pa
         result = await service.generate(ImageRequest("generate", "x"))
     assert result.model == "seedream-5.0-lite"
     assert [r.json["model"] for r in emu.requests_to("/images/generations")] == ["imagen-3", "seedream-5.0-lite"]
+
+
+# --- beliefs kept between calls ---------------------------------------------------------------------
+# The catalog keeps each model's resolved belief between calls; whatever changes a belief must be
+# seen by the next call of the same server.
+
+
+class DatesALaterShutdown(OpenAIEmulator):
+    """OpenAI whose model list can start giving a listed model a shutdown date."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.dated: dict[str, str] = {}
+
+    def listed_models(self) -> list[dict[str, Any]]:
+        out = super().listed_models()
+        return [{**m, "shutdown_date": self.dated[m["id"]]} if m["id"] in self.dated else m for m in out]
+
+
+async def test_a_refreshed_model_list_is_seen_by_the_next_call(tmp_path: Path, started: Any) -> None:
+    emu = started(DatesALaterShutdown)
+    settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
+    async with ImageService(settings) as service:
+        first = await service.generate(ImageRequest("generate", "x", model=UNNAMED))
+        assert first.model == UNNAMED
+        emu.dated[UNNAMED] = "2026-01-01"  # shut down since the list was read
+        await service.list_models(refresh=True)
+        with pytest.raises(ModelNotFoundError, match="shut down"):
+            await service.generate(ImageRequest("generate", "x", model=UNNAMED))
+    assert len(emu.requests_to("/images/generations")) == 1  # refused before anything was sent
+
+
+async def test_a_lesson_is_applied_by_the_next_call_of_the_same_server(tmp_path: Path, started: Any) -> None:
+    emu = started(NanoGptEmulator)
+    settings = make_settings(tmp_path, [endpoint_for(emu, name="nano", key=SECRET_KEY)])
+    async with ImageService(settings) as service:
+        before = await service.generate(ImageRequest("generate", "x", model="hidream"))
+        assert not any("taught" in w for w in before.warnings)
+        refusal = {"error": {"message": "Unknown parameter: 'response_format'", "type": "invalid_request_error"}}
+        emu.inject(Fault.http(400, body=refusal), times=1, path="/images/generations")
+        await service.generate(ImageRequest("generate", "x", model="hidream"))
+        after = await service.generate(ImageRequest("generate", "x", model="hidream"))
+    sent = [r.json for r in emu.requests_to("/images/generations")]
+    assert [("response_format" in body) for body in sent] == [True, True, False, False]
+    assert any("taught" in w and "response_format" in w for w in after.warnings)

@@ -25,9 +25,11 @@ from PIL import Image
 from pydantic import SecretStr
 
 from mcp_imagegen.config import EndpointConfig, Settings
+from mcp_imagegen.jobs import JOBS_DIR_NAME, JobRecord
 from mcp_imagegen.results import RESULT_CAP_BYTES
 from mcp_imagegen.server import build_server
 from mcp_imagegen.service import ImageService
+from mcp_imagegen.store import META_DIR_NAME
 from tests.emulators import images as emu_images
 from tests.emulators.base import DEFAULT_API_KEY, Fault
 from tests.emulators.openai import OpenAIEmulator
@@ -574,6 +576,9 @@ async def test_slow_generation_returns_a_handle_then_get_image_collects_it(
         sc = first.structured_content
         assert sc["status"] == "running" and sc["job_id"] and sc["images"] == []
         assert f'get_image(job_id="{sc["job_id"]}")' in texts(first)
+        # The handle's record was on disk before the handle left the server.
+        record_path = settings.output_dir / META_DIR_NAME / JOBS_DIR_NAME / f"{sc['job_id']}.json"
+        assert JobRecord.model_validate_json(record_path.read_bytes()).status == "running"
 
         done = await ok(client, "get_image", {"job_id": sc["job_id"], "wait_s": 0.0})
         assert done.structured_content["status"] in {"running", "done"}
@@ -585,6 +590,9 @@ async def test_slow_generation_returns_a_handle_then_get_image_collects_it(
         [image] = done.structured_content["images"]
         assert Path(image["path"]).is_file() and blocks(done, ImageContent)
         assert done.structured_content["job_id"] == sc["job_id"]
+        # A job's final record is written before its result is handed out.
+        final = JobRecord.model_validate_json(record_path.read_bytes())
+        assert final.status == "done" and final.image_ids == [image["id"]]
 
 
 async def test_a_handle_carries_the_images_saved_so_far(tmp_path: Path, mode: str, emu: OpenAIEmulator) -> None:

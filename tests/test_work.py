@@ -14,6 +14,7 @@ import pytest
 from mcp_imagegen.work import (
     DISK_THREADS,
     SMALL_INPUT_BYTES,
+    SharedOnDisk,
     cpu_limiter,
     in_worker,
     in_worker_unless_small,
@@ -154,3 +155,52 @@ async def test_watchdog_on_the_real_clocks_reports_a_loop_held_by_a_blocking_cal
                 time.sleep(0.2)  # the loop's thread held: the watchdog cannot wake meanwhile
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
+
+
+async def test_callers_asking_together_share_one_probe_that_started_after_they_asked() -> None:
+    started: list[int] = []
+    release = threading.Event()
+
+    def probe() -> int:
+        started.append(len(started) + 1)
+        release.wait(30)  # the first run lasts until every other caller has asked
+        return len(started)
+
+    shared = SharedOnDisk(probe)
+    answers: dict[int, int] = {}
+
+    async def ask(i: int) -> None:
+        answers[i] = await shared()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, 0)
+            while not started:
+                await anyio.sleep(0.01)
+            for i in range(1, 10):
+                tg.start_soon(ask, i)  # they ask while the first run is under way
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+    assert answers[0] == 1
+    assert all(answers[i] == 2 for i in range(1, 10))  # one run for the nine, begun after they asked
+    assert len(started) == 2
+
+
+async def test_a_shared_probes_error_reaches_every_caller() -> None:
+    def probe() -> int:
+        raise PermissionError(13, "permission denied")
+
+    shared = SharedOnDisk(probe)
+    errors: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await shared()
+        except PermissionError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(ask)
+    assert len(errors) == 5
