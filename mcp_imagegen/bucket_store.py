@@ -144,6 +144,12 @@ class BucketImageStore(StoreLookups):
     def check_room(self, need_bytes: int) -> None:
         return None
 
+    def free_bytes(self) -> int | None:
+        return None  # a bucket has no room to run out of that the server could see
+
+    def judge_room(self, free: int | None, need_bytes: int) -> None:
+        return None
+
     def is_inside(self, path: Any) -> bool:
         return False  # no local file is ever one of this store's images
 

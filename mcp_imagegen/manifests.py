@@ -302,7 +302,9 @@ def load_families() -> tuple[Family, ...]:
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"model families file {path.name} is not valid TOML: {exc}") from None
     except ValidationError as exc:
-        raise ManifestError(_format_validation_error(path, exc).replace("provider manifest", "model families file"))
+        raise ManifestError(
+            _format_validation_error(path, exc).replace("provider manifest", "model families file")
+        ) from None
     ids = [f.id for f in families]
     if len(ids) != len(set(ids)):
         raise ManifestError(f"model families file {path.name}: duplicate family id")

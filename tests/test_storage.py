@@ -231,3 +231,8 @@ def test_both_stores_take_the_same_save_arguments() -> None:
         return [(p.name, p.kind) for p in inspect.signature(method).parameters.values()]  # type: ignore[arg-type]
 
     assert shape(BucketImageStore.save) == shape(ImageStore.save)
+    # ...and every other method the engine calls on its store exists on both.
+    engine_calls = {"check_room", "free_bytes", "judge_room", "open_live", "close_live", "is_inside", "save"}
+    for name in engine_calls:
+        assert callable(getattr(BucketImageStore, name, None)), name
+        assert shape(getattr(BucketImageStore, name)) == shape(getattr(ImageStore, name)), name
