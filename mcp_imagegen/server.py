@@ -234,6 +234,10 @@ class _Progress:
         await self._send(float(progress), total, message)
 
     async def heartbeat(self, what: str = "working") -> None:
+        if self.total and self.last >= self.total:
+            # Every image is saved and the result is on its way (its record is being written):
+            # a heartbeat could only claim more than the total.
+            return
         elapsed = time.monotonic() - self.started
         of = f" of {self.total:g}" if self.total else ""
         await self._send(

@@ -764,3 +764,19 @@ async def test_tools_send_nothing_to_an_endpoint_whose_key_is_missing(
         listed = await ok(client, "list_models", {"refresh": True})
         assert any("OPENAI_API_KEY" in w for w in listed.structured_content["warnings"])
     assert emu.requests == []
+
+
+async def test_a_heartbeat_after_the_last_image_claims_nothing_beyond_the_total() -> None:
+    from mcp_imagegen.server import _Progress
+
+    sent: list[tuple[float, float | None]] = []
+
+    class Context:
+        async def report_progress(self, progress: float, total: float | None, message: str) -> None:
+            sent.append((progress, total))
+
+    progress = _Progress(Context(), 1)  # type: ignore[arg-type]
+    await progress.heartbeat("generating")
+    await progress.service_report(1, 1, "saved image 1 of 1")
+    await progress.heartbeat("generating")  # the job still writes its final record
+    assert sent == [(0.0, 1), (1.0, 1)]
