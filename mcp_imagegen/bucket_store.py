@@ -19,8 +19,9 @@ import base64
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -30,6 +31,9 @@ from .jobs import JobRecord, RemoteJobBookWrites, _valid_job_id
 from .models import ImageRecord, Origin
 from .owners import current_owner
 from .store import URI_PREFIX, StoreLookups, _slug, is_valid_id
+
+if TYPE_CHECKING:
+    from .spending import Settle
 
 _NEWEST_FIRST = 10**20  # stamps are stored as this minus the time in ns, so keys sort newest first
 _MARKER_RE = re.compile(r"^\d{20}_[A-Za-z0-9_-]{16,64}$")
@@ -351,10 +355,10 @@ class BucketSpendBook:
 
         return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
 
-    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
+    def settle(self, day: str, settles: Sequence[Settle]) -> None:
         from .spending import _settling
 
-        self._change(day, lambda book: _settling(book, owner, hold_id, cost))
+        self._change(day, lambda book: _settling(book, settles))
 
     def totals(self, day: str, owner: str) -> tuple[float, float]:
         from .spending import SERVER_TOTAL

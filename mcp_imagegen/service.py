@@ -117,6 +117,7 @@ class ImageService:
     async def __aenter__(self) -> ImageService:
         self._tasks = await self._stack.enter_async_context(anyio.create_task_group())
         self._records.start(self._tasks)
+        self.spending.start(self._tasks)
         # Hold the store and put right what a crash left, before the first job can write.
         await on_disk(self.store.open_live)
         self._stack.callback(self.store.close_live)
@@ -383,7 +384,8 @@ class ImageService:
                 await self._run_job_as_owner(job)
 
     async def _run_job_as_owner(self, job: Job) -> None:
-        self._records.note(job)  # written meanwhile; `recorded` awaits it before the id leaves
+        # No record yet: nobody outside knows the id until `recorded` writes it, and an image
+        # saved meanwhile notes the job (so its images are found after a crash).
         try:
             job.result = await self._execute(job)
             job.status = "done"

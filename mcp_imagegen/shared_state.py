@@ -17,9 +17,9 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import ValidationError
@@ -27,6 +27,9 @@ from pydantic import ValidationError
 from .errors import ConfigError
 from .jobs import JobRecord, RemoteJobBookWrites, _valid_job_id
 from .work import on_disk
+
+if TYPE_CHECKING:
+    from .spending import Settle
 
 LEASE_ENV = "MCP_IMAGEGEN_JOB_LEASE_S"  # hidden: tests shorten the lease to see a replica die
 DEFAULT_LEASE_S = 30
@@ -148,14 +151,15 @@ class RedisSpendBook:
         )
         return bool(int(fits)), float(person), float(server)
 
-    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
+    def settle(self, day: str, settles: Sequence[Settle]) -> None:
         from .spending import SERVER_TOTAL
 
-        with self.redis.pipeline() as pipe:
-            pipe.hdel(f"{PREFIX}holds:{day}", hold_id)
-            if cost > 0:
-                pipe.hincrbyfloat(f"{PREFIX}spend:{day}", owner, cost)
-                pipe.hincrbyfloat(f"{PREFIX}spend:{day}", SERVER_TOTAL, cost)
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the batch lands whole or not at all
+            for settle in settles:
+                pipe.hdel(f"{PREFIX}holds:{day}", settle.hold_id)
+                if settle.cost > 0:
+                    pipe.hincrbyfloat(f"{PREFIX}spend:{day}", settle.owner, settle.cost)
+                    pipe.hincrbyfloat(f"{PREFIX}spend:{day}", SERVER_TOTAL, settle.cost)
             pipe.execute()
 
     def totals(self, day: str, owner: str) -> tuple[float, float]:

@@ -12,12 +12,13 @@ for the images it delivered. Recorded spend is kept per person and day in the sp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
 import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,8 @@ from .config import SpendingSettings
 from .errors import InvalidRequestError
 from .manifests import manifest_dir
 from .work import on_disk
+
+log = logging.getLogger("mcp_imagegen.spending")
 
 SPEND_DIR_NAME = "spend"
 SERVER_TOTAL = "*"  # the key under which a day's book holds the whole server's spend
@@ -88,6 +91,15 @@ def today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
+@dataclass(frozen=True)
+class Settle:
+    """What one call cost, and the hold (its job id) it lets go."""
+
+    owner: str
+    hold_id: str
+    cost: float
+
+
 class SpendBook(Protocol):
     """Where spend lives, per UTC day: what each owner (and the server, `SERVER_TOTAL`) spent, and
     the holds of calls still running anywhere. Blocking calls; each one is atomic across every
@@ -100,8 +112,8 @@ class SpendBook(Protocol):
         server's use), use being what was spent plus what live holds keep, before this one."""
         ...
 
-    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
-        """Let a hold go and record what the call cost."""
+    def settle(self, day: str, settles: Sequence[Settle]) -> None:
+        """Let each hold go (if there is one) and record what its call cost, in one change."""
         ...
 
     def totals(self, day: str, owner: str) -> tuple[float, float]:
@@ -128,12 +140,14 @@ def _holding(
     return fits, person, server
 
 
-def _settling(book: dict[str, Any], owner: str, hold_id: str, cost: float) -> None:
-    book.setdefault("holds", {}).pop(hold_id, None)
+def _settling(book: dict[str, Any], settles: Sequence[Settle]) -> None:
+    holds = book.setdefault("holds", {})
     spent = book.setdefault("spent", {})
-    if cost > 0:
-        spent[owner] = round(spent.get(owner, 0.0) + cost, 6)
-        spent[SERVER_TOTAL] = round(spent.get(SERVER_TOTAL, 0.0) + cost, 6)
+    for settle in settles:
+        holds.pop(settle.hold_id, None)
+        if settle.cost > 0:
+            for who in (settle.owner, SERVER_TOTAL):
+                spent[who] = round(spent.get(who, 0.0) + settle.cost, 6)
 
 
 class FolderSpendBook:
@@ -170,8 +184,8 @@ class FolderSpendBook:
     ) -> tuple[bool, float, float]:
         return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
 
-    def settle(self, day: str, owner: str, hold_id: str, cost: float) -> None:
-        self._change(day, lambda book: _settling(book, owner, hold_id, cost))
+    def settle(self, day: str, settles: Sequence[Settle]) -> None:
+        self._change(day, lambda book: _settling(book, settles))
 
     def totals(self, day: str, owner: str) -> tuple[float, float]:
         spent = self._read(day).get("spent", {})
@@ -201,6 +215,17 @@ class Spending:
     def __init__(self, settings: SpendingSettings, book: SpendBook) -> None:
         self.settings = settings
         self.book = book
+        # Settles wait here for the next trip to the book: calls ending together share one change
+        # of it (one file lock, one read and one write) instead of one each.
+        self._unsettled: list[tuple[int, str, Settle]] = []
+        self._queued = 0  # settles queued so far
+        self._settled = 0  # every settle numbered up to this has had its trip
+        self._trip: anyio.Lock | None = None
+        self._tasks: Any = None  # the service's task group, once started
+
+    def start(self, tasks: Any) -> None:
+        """Run unlimited days' records in `tasks` (the service's), not in the calls themselves."""
+        self._tasks = tasks
 
     @property
     def limited(self) -> bool:
@@ -211,20 +236,54 @@ class Spending:
         self, job: Any, model_id: str, provider: str, listed_usd: float | None = None
     ) -> AsyncIterator[Estimate]:
         """Check and hold a job's estimate before it sends anything; record its cost when it ends.
-        `listed_usd`: the per-image price the gateway lists for the model, where it lists one."""
+        `listed_usd`: the per-image price the gateway lists for the model, where it lists one.
+        Without limits there is nothing to check: the cost is only recorded."""
         owner = job.owner
         guess = estimate(model_id, provider, job.request.n, self.settings.unpriced_image_usd, listed_usd)
         day, hold_id = today(), job.id
-        limits = (self.settings.person_usd_per_day, self.settings.server_usd_per_day)
-        held, person_used, server_used = await on_disk(lambda: self.book.hold(day, owner, hold_id, guess.usd, *limits))
-        if not held:
-            self._refuse(guess, person_used, server_used)
+        if self.limited:
+            limits = (self.settings.person_usd_per_day, self.settings.server_usd_per_day)
+            held, person_used, server_used = await on_disk(
+                lambda: self.book.hold(day, owner, hold_id, guess.usd, *limits)
+            )
+            if not held:
+                self._refuse(guess, person_used, server_used)
         try:
             yield guess
         finally:
             cost = job.cost if job.cost is not None else guess.usd_per_image * len(job.saved)
-            with anyio.CancelScope(shield=True):  # money was spent: it is recorded whatever happens
-                await on_disk(lambda: self.book.settle(day, owner, hold_id, cost))
+            if self.limited or cost > 0:
+                settle = Settle(owner, hold_id, cost)
+                if self.limited or self._tasks is None:
+                    await self._settle_shielded(day, settle)
+                else:  # nothing waits on a record without limits: the call answers meanwhile
+                    self._tasks.start_soon(self._settle_shielded, day, settle, name="spend record")
+
+    async def _settle_shielded(self, day: str, settle: Settle) -> None:
+        with anyio.CancelScope(shield=True):  # money was spent: it is recorded whatever happens
+            await self._settle(day, settle)
+
+    async def _settle(self, day: str, settle: Settle) -> None:
+        """Queue a settle and return once a trip to the book has taken it: whoever holds the trip
+        lock writes everything queued by then, so a settle queued meanwhile may find it done."""
+        self._queued += 1
+        number = self._queued
+        self._unsettled.append((number, day, settle))
+        if self._trip is None:
+            self._trip = anyio.Lock()
+        async with self._trip:
+            if self._settled >= number:
+                return
+            batch, self._unsettled = self._unsettled, []
+            self._settled = batch[-1][0]
+            days: dict[str, list[Settle]] = {}
+            for _, on_day, queued in batch:
+                days.setdefault(on_day, []).append(queued)
+            for on_day, settles in days.items():
+                try:
+                    await on_disk(lambda: self.book.settle(on_day, settles))  # noqa: B023 (awaited here)
+                except Exception as exc:  # the images are saved: a lost record must not fail the calls
+                    log.warning("could not record the spend of %d call(s) on %s: %s", len(settles), on_day, exc)
 
     def _refuse(self, guess: Estimate, person_used: float, server_used: float) -> None:
         for limit, used, whose in (

@@ -207,3 +207,30 @@ async def test_an_answer_closed_unread_gives_its_place_back(holding_server: Hold
             assert response.status_code == 200
             assert sum(transport.in_flight) == 1
         assert transport.in_flight == [0] * SHARDS
+
+
+async def test_a_big_answer_is_read_in_the_pieces_the_event_loop_received() -> None:
+    """A body that waited in the socket comes up in pieces of up to 256 KiB, not httpcore2's 64 KiB."""
+    body = bytes(range(256)) * 1024  # 256 KiB
+    written = threading.Event()
+
+    def serve(sock: socket.socket) -> None:
+        conn, _ = sock.accept()
+        with conn:
+            read_request(conn)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            written.set()
+            read_request(conn)  # until the client closes
+
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        threading.Thread(target=serve, args=(sock,), daemon=True).start()
+        pieces: list[int] = []
+        async with httpx2.AsyncClient(transport=gateway_transport(LIMITS)) as client:
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/images"
+            async with client.stream("GET", url) as response:
+                # Hold the event loop (no await) until the whole body is in the sockets' buffers.
+                assert written.wait(timeout=30)
+                async for piece in response.aiter_raw():
+                    pieces.append(len(piece))
+    assert sum(pieces) == len(body)
+    assert max(pieces) > 64 * 1024

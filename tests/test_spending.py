@@ -5,15 +5,30 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from mcp_imagegen.models import ImageRequest
 from mcp_imagegen.owners import LOCAL_OWNER, acting_as
 from mcp_imagegen.service import ImageService
-from mcp_imagegen.spending import SERVER_TOTAL, SpendingLimitError, estimate, price_table, today
+from mcp_imagegen.config import SpendingSettings
+from mcp_imagegen.spending import (
+    SERVER_TOTAL,
+    FolderSpendBook,
+    Settle,
+    Spending,
+    SpendingLimitError,
+    estimate,
+    price_table,
+    today,
+)
 from tests.conftest import SECRET_KEY, endpoint_for, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -118,3 +133,66 @@ async def test_the_server_limit_covers_everyone_together(tmp_path: Path, emulato
     said = refused.value.agent_text()
     assert "this server's daily spending limit of $0.10" in said and "$0.02 is left" in said
     assert len(paid_requests(emu)) == 1  # Alice's one call (two images in one request)
+
+
+class GatedBook(FolderSpendBook):
+    """A folder book whose first settle waits until the test lets it go, and that counts its trips."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.holds: list[str] = []
+        self.trips: list[int] = []
+
+    def hold(self, day: str, owner: str, hold_id: str, usd: float, *limits: float | None) -> tuple[bool, float, float]:
+        self.holds.append(hold_id)
+        return super().hold(day, owner, hold_id, usd, *limits)
+
+    def settle(self, day: str, settles: Sequence[Settle]) -> None:
+        self.trips.append(len(settles))
+        self.entered.set()
+        assert self.release.wait(timeout=30)
+        super().settle(day, settles)
+
+
+def ended_job(number: int, owner: str) -> Any:
+    """What `Spending.hold` reads of a job: its owner, id, request and what it delivered."""
+    return SimpleNamespace(
+        id=f"job_{number:08d}", owner=owner, request=SimpleNamespace(n=1), cost=None, saved=["an image"]
+    )
+
+
+async def spend(spending: Spending, job: Any) -> None:
+    async with spending.hold(job, "gpt-image-2", "openai"):
+        pass
+
+
+async def test_without_limits_nothing_is_held_and_calls_ending_together_share_one_trip(tmp_path: Path) -> None:
+    book = GatedBook(tmp_path / "meta")
+    spending = Spending(SpendingSettings(), book)
+    price = estimate("gpt-image-2", "openai", 1, 0.1).usd
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(spend, spending, ended_job(0, "person-a"))
+        await anyio.to_thread.run_sync(lambda: book.entered.wait(timeout=30))
+        # The first call's settle is at the book; seven more end meanwhile and wait for the next trip.
+        for number in range(1, 8):
+            tg.start_soon(spend, spending, ended_job(number, "person-a" if number % 2 else "person-b"))
+        await wait_all_tasks_blocked()
+        book.release.set()
+    assert book.holds == []  # no limit to check against: nothing was held
+    assert book.trips == [1, 7]
+    assert book.totals(today(), "person-a") == (pytest.approx(5 * price), pytest.approx(8 * price))
+    assert book.totals(today(), "person-b") == (pytest.approx(3 * price), pytest.approx(8 * price))
+
+
+async def test_with_a_limit_each_call_is_held_and_its_hold_let_go(tmp_path: Path) -> None:
+    book = GatedBook(tmp_path / "meta")
+    book.release.set()
+    spending = Spending(SpendingSettings(server_usd_per_day=1.0), book)
+    async with anyio.create_task_group() as tg:
+        for number in range(3):
+            tg.start_soon(spend, spending, ended_job(number, "person-a"))
+    assert sorted(book.holds) == ["job_00000000", "job_00000001", "job_00000002"]
+    assert sum(book.trips) == 3
+    assert json.loads((tmp_path / "meta" / "spend" / f"{today()}.json").read_text())["holds"] == {}
