@@ -210,12 +210,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     given = list(sys.argv[1:] if argv is None else argv)
     if relay.wanted() and relay.serves_stdio(given):  # before anything heavy is imported
-        return relay.run(given)
+        code = relay.run()
+        if code is not None:
+            return code  # the relay's; the server (the forked child) goes on from here
     parser = _parser()
     args = parser.parse_args(argv)
     command = args.command or "serve"
     if command == "serve" and args.transport == "stdio" and relay.wanted():
-        return relay.run(given)
+        code = relay.run()
+        if code is not None:
+            return code
 
     from .config import load_settings
     from .errors import ImageGenError

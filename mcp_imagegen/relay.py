@@ -9,14 +9,14 @@ host closes stdin (or kills the relay: its pipes close with it), the server sees
 taking calls, closes its stdout (the relay exits at once, so the host is never kept waiting),
 finishes and saves the requests already sent, and exits (shutdown.py).
 
-The relay imports nothing heavy, so it adds one small interpreter start to the server's own.
-Windows has no process groups to escape: the server runs in-process there, as before.
+The server is a fork of the relay, made before anything heavy is imported, so the relay costs no
+second interpreter start. Windows has no process groups to escape: the server runs in-process
+there, as before.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
 TYPE_CHECKING = False
@@ -63,16 +63,32 @@ def serves_stdio(args: Sequence[str]) -> bool:
     return transport == "stdio"
 
 
-def run(argv: Sequence[str]) -> int:
-    env = dict(os.environ)
-    env[WORKER_ENV] = "1"
-    pid, to_child, from_child = _spawn([sys.executable, *_interpreter_flags(), "-m", "mcp_imagegen", *argv], env)
+def run() -> int | None:
+    """Fork the server off in a new session and relay its stdin and stdout.
+
+    Returns the exit code in the relay, and None in the server (the child), which goes on to
+    serve. The fork happens before anything heavy is imported and before any thread starts, so
+    the server needs no second interpreter start: it imports what it needs from here on.
+    """
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server: a session of its own, the pipes as its stdin and stdout
+        os.setsid()
+        os.dup2(in_r, 0)
+        os.dup2(out_w, 1)
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+        os.environ[WORKER_ENV] = "1"
+        return None
+    os.close(in_r)
+    os.close(out_w)
     import threading  # only now: the server starts meanwhile
 
-    closer = _Once(to_child, threading.Lock())
-    threading.Thread(target=_copy_in, args=(to_child, closer), name="stdin relay", daemon=True).start()
+    closer = _Once(in_w, threading.Lock())
+    threading.Thread(target=_copy_in, args=(in_w, closer), name="stdin relay", daemon=True).start()
     try:
-        _copy(from_child, 1)
+        _copy(out_r, 1)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -80,52 +96,6 @@ def run(argv: Sequence[str]) -> int:
         # server must see EOF now, not when this process is reaped.
         closer.close()
     return _exit_code(pid, EXIT_WAIT_S)
-
-
-def _spawn(command: list[str], env: dict[str, str]) -> tuple[int, int, int]:
-    """Start the server in a new session with pipes for its stdin and stdout (stderr is shared).
-
-    posix_spawn, because importing subprocess alone costs as much as the rest of the relay;
-    subprocess where the platform has no POSIX_SPAWN_SETSID.
-    """
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    try:
-        dup2 = os.POSIX_SPAWN_DUP2
-        pid = os.posix_spawn(command[0], command, env, file_actions=[(dup2, in_r, 0), (dup2, out_w, 1)], setsid=True)
-    except (AttributeError, NotImplementedError):
-        import subprocess
-
-        child = subprocess.Popen(command, stdin=in_r, stdout=out_w, env=env, start_new_session=True)
-        _KEPT.append(child)  # a collected Popen would reap the child behind our back
-        pid = child.pid
-    os.close(in_r)
-    os.close(out_w)
-    return pid, in_w, out_r
-
-
-_KEPT: list[object] = []
-_FLAGS = (
-    "optimize",
-    "no_user_site",
-    "no_site",
-    "ignore_environment",
-    "verbose",
-    "bytes_warning",
-    "quiet",
-    "isolated",
-    "dev_mode",
-    "safe_path",
-)
-
-
-def _interpreter_flags() -> list[str]:
-    """The interpreter options the relay was given (-X importtime, -O, -I...), for the server."""
-    if not sys._xoptions and not sys.warnoptions and not any(getattr(sys.flags, f, 0) for f in _FLAGS):
-        return []
-    import subprocess
-
-    return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
 
 
 def _exit_code(pid: int, wait_s: float) -> int:

@@ -39,7 +39,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import http_sessions
 from .config import Settings
 from .errors import ConfigError
-from .http_guard import connection_limits, guarded_protocol, install_accept_error_log
 
 log = logging.getLogger("mcp_imagegen.transports")
 
@@ -135,6 +134,8 @@ def _max_body(settings: Settings) -> int:
 
 def _with_service(app: Starlette, settings: Settings, service: Any, auth_token: str | None) -> Starlette:
     """Enter the service around the app's own lifespan, and guard every request with the token."""
+    from .http_guard import connection_limits, install_accept_error_log  # uvicorn's h11: HTTP only
+
     inner = app.router.lifespan_context
 
     @asynccontextmanager
@@ -267,6 +268,8 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> Any:
         import uvicorn
     except ImportError:  # pragma: no cover - uvicorn comes with the SDK's HTTP extras
         raise ConfigError("the HTTP transports need uvicorn: pip install uvicorn") from None
+    from .http_guard import connection_limits, guarded_protocol
+
     level = logging.getLogger("mcp_imagegen").getEffectiveLevel()
     limits = getattr(app.state, "connection_limits", None) or connection_limits(20.0)
     return uvicorn.Config(

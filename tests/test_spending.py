@@ -15,10 +15,10 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
+from mcp_imagegen.config import SpendingSettings
 from mcp_imagegen.models import ImageRequest
 from mcp_imagegen.owners import LOCAL_OWNER, acting_as
 from mcp_imagegen.service import ImageService
-from mcp_imagegen.config import SpendingSettings
 from mcp_imagegen.spending import (
     SERVER_TOTAL,
     FolderSpendBook,
