@@ -6,6 +6,7 @@ chosen command does not use.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -206,6 +207,14 @@ def _for_shell(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    gc.disable()  # until start-up is over (heap.resume_collections)
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from . import relay
 
     given = list(sys.argv[1:] if argv is None else argv)
@@ -255,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImageGenError as exc:  # e.g. a public bind without a token
             print(f"mcp-imagegen: {exc.message}", file=sys.stderr)
             return 2
+    from .heap import resume_collections
+
+    if command != "serve":
+        resume_collections()  # the server resumes them once it is built
     if command == "doctor":
         from .doctor import run_doctor
 

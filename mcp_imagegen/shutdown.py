@@ -124,6 +124,9 @@ async def serve_stdio_until_done(settings: Any) -> None:
     service = ImageService(settings)
     async with service:
         server = build_server(settings, service)
+        from .heap import resume_collections
+
+        resume_collections()  # start-up is over (cli.main paused them)
         if sys.platform == "win32":  # no relay there (see relay.py): the SDK's own stdio as before
             try:
                 await server.run_stdio_async()

@@ -248,7 +248,10 @@ def uvicorn_log_config() -> dict[str, Any]:
 
 
 async def _serve_uvicorn(app: Starlette, host: str, port: int, *, transport: str, path: str) -> None:
+    from .heap import resume_collections
     from .shutdown import draining_server
+
+    resume_collections()  # start-up is over (cli.main paused them)
 
     def announce(server: Any) -> None:
         # The person who started the server needs to know where it listens (the port may have

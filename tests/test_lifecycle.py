@@ -674,3 +674,63 @@ async def test_a_dead_stdout_never_crashes_the_server_and_loses_nothing(tmp_path
     await assert_findable_from_a_new_server(
         tmp_path, env={k: v for k, v in env.items() if k != "MCP_IMAGEGEN_STDIO_WORKER"}, jobs=jobs
     )
+
+
+# --- start-up ---------------------------------------------------------------------------------------------
+
+# The real command line, with heap.resume_collections watched: what the collector's state is when
+# start-up ends, and after.
+COLLECTIONS_PROBE = textwrap.dedent(
+    """
+    import gc, sys
+    from mcp_imagegen import cli, heap
+
+    resume = heap.resume_collections
+
+    def watched():
+        print(f"collections before resuming: {gc.isenabled()}", file=sys.stderr, flush=True)
+        resume()
+        print(f"collections after resuming: {gc.isenabled()}", file=sys.stderr, flush=True)
+
+    heap.resume_collections = watched
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_collections_pause_during_start_up_and_run_while_serving(
+    tmp_path: Path, emulator: Any, transport: str
+) -> None:
+    env = server_env(tmp_path, emulator("openai"))
+    command = [sys.executable, "-c", COLLECTIONS_PROBE, "serve", "--transport", transport]
+    if transport == "http":
+        command += ["--port", "0"]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        if transport == "stdio":
+            proc.stdin.write(json.dumps(INIT).encode() + b"\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline())["result"]["serverInfo"]["name"] == "mcp-imagegen"
+            proc.stdin.close()
+        else:
+            said = b""
+            while b"serving MCP" not in said:
+                line = proc.stderr.readline()
+                assert line, said.decode(errors="replace")
+                said += line
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        assert code == 0 or transport == "http"  # a signal that early may end it as a signal does
+        said_all = proc.stderr.read().decode(errors="replace")
+        if transport == "http":
+            said_all = said.decode() + said_all
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "collections before resuming: False" in said_all, said_all[-2000:]
+    assert "collections after resuming: True" in said_all
