@@ -342,6 +342,10 @@ class JobRecorder:
             self._flushed = anyio.Event()
         await self._flushed.wait()
 
+    def ever_noted(self, job: Job) -> bool:
+        """Whether the job has a record (written or on its way): its id may have left the server."""
+        return job.id in self._noted
+
     def drop(self, job: Job) -> None:
         """Leave the job's noted state unwritten: a state written by other means supersedes it."""
         self._pending.pop(job.id, None)

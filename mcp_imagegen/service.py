@@ -855,7 +855,10 @@ class ImageService:
                 "the server never renders it, but open it only in a viewer you trust"
             )
         job.saved.append(SavedImage.model_validate(record.model_dump()))
-        self._records.note(job)  # so a crash from here on still knows this image is the job's
+        if len(job.saved) < total or self._records.ever_noted(job):
+            # So a crash from here on still knows this image is the job's. The last image of a
+            # job nobody outside knows of waits for the job's final record, a moment later.
+            self._records.note(job)
         await job._report(len(job.saved), total, f"saved image {len(job.saved)} of {total}: {record.path}")
 
     async def _kept_elsewhere(

@@ -637,3 +637,29 @@ async def test_a_truncated_svg_answer_is_a_bad_gateway_answer(tmp_path: Path, em
     settings = make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])
     with pytest.raises(BadGatewayResponseError, match="truncated SVG"):
         await run(settings, ImageRequest(operation="generate", prompt="x", model="gpt-image-1"))
+
+
+async def test_a_job_nobody_outside_knows_of_is_recorded_once_when_it_ends(
+    tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its id leaves with its result, so its first record is its last; a job of several
+    requests is recorded as its images arrive, so a crash still finds what it saved."""
+    from mcp_imagegen.jobs import JobBook
+
+    written: list[tuple[str, str, int]] = []
+    write = JobBook.write_all
+
+    def watched(self: JobBook, records: list[Any]) -> None:
+        written.extend((r.id, r.status, len(r.image_ids)) for r in records)
+        write(self, records)
+
+    monkeypatch.setattr(JobBook, "write_all", watched)
+    emu = emulator("openai", serve_retired=True, api_key=SECRET_KEY)
+    async with ImageService(make_settings(tmp_path, [endpoint_for(emu, key=SECRET_KEY)])) as service:
+        one = await service.generate(ImageRequest(operation="generate", prompt="one", model="gpt-image-2"))
+        assert [w for w in written if w[0] == one.job_id] == [(one.job_id, "done", 1)]
+        # dall-e-3 takes one image a request: three requests, each image noted as it arrives.
+        three = await service.generate(ImageRequest(operation="generate", prompt="three", model="dall-e-3", n=3))
+    states = [w for w in written if w[0] == three.job_id]
+    assert states[-1] == (three.job_id, "done", 3)
+    assert any(status == "running" and saved >= 1 for _, status, saved in states)
