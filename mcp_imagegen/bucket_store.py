@@ -28,9 +28,9 @@ from pydantic import ValidationError
 from .config import StorageSettings
 from .errors import ConfigError, InputNotFoundError, InvalidRequestError
 from .jobs import JobRecord, RemoteJobBookWrites, _valid_job_id
-from .models import ImageRecord, Origin
+from .models import ImageRecord
 from .owners import current_owner
-from .store import URI_PREFIX, StoreLookups, _slug, is_valid_id
+from .store import NewImage, StoreLookups, is_valid_id
 
 if TYPE_CHECKING:
     from .spending import Settle
@@ -157,60 +157,17 @@ class BucketImageStore(StoreLookups):
     def is_inside(self, path: Any) -> bool:
         return False  # no local file is ever one of this store's images
 
-    def save(
-        self,
-        data: bytes,
-        *,
-        mime_type: str,
-        width: int,
-        height: int,
-        prompt: str,
-        operation: Origin,
-        model: str,
-        endpoint: str,
-        provider: str,
-        parameters: dict[str, Any] | None = None,
-        parent_ids: list[str] | None = None,
-        revised_prompt: str | None = None,
-        job_id: str | None = None,
-        frames: int | None = None,
-        owner: str | None = None,
-    ) -> ImageRecord:
-        from .images import EXTENSIONS
-
-        ext = EXTENSIONS.get(mime_type)
-        if ext is None:
-            raise InvalidRequestError(f"cannot save an image of type {mime_type!r}")
-        owner = owner or current_owner()
+    def save(self, data: bytes, about: NewImage) -> ImageRecord:
+        ext = about.extension()
+        owner = about.owner or current_owner()
         try:
             while True:  # a clash on a fresh random id is all but impossible, but never overwrite
                 now = datetime.now(UTC)
                 image_id = secrets.token_urlsafe(16)
-                name = f"{now.astimezone().strftime('%Y%m%d-%H%M%S')}_{_slug(prompt)}_{image_id[:6]}.{ext}"
-                image_key = self.bucket.key("images", name)
-                if not self.bucket.create(image_key, data, mime_type):
+                image_key = self.bucket.key("images", about.file_name(image_id[:6], now, ext))
+                if not self.bucket.create(image_key, data, about.mime_type):
                     continue
-                record = ImageRecord(
-                    id=image_id,
-                    uri=URI_PREFIX + image_id,
-                    path=f"s3://{self.bucket.name}/{image_key}",
-                    mime_type=mime_type,
-                    width=width,
-                    height=height,
-                    bytes=len(data),
-                    revised_prompt=revised_prompt,
-                    prompt=prompt,
-                    operation=operation,
-                    model=model,
-                    endpoint=endpoint,
-                    provider=provider,
-                    parameters=dict(parameters or {}),
-                    parent_ids=list(parent_ids or []),
-                    created_at=now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-                    job_id=job_id,
-                    frames=frames,
-                    owner=owner,
-                )
+                record = about.record(image_id, f"s3://{self.bucket.name}/{image_key}", len(data), now)
                 body = record.model_dump_json(indent=1, exclude={"url"}).encode()
                 if not self.bucket.create(self.bucket.key("records", f"{image_id}.json"), body, "application/json"):
                     continue

@@ -55,6 +55,7 @@ from .models import (
 from .owners import acting_as, current_owner
 from .spending import Spending
 from .storage import job_alive, keeping_alive, open_storage
+from .store import NewImage
 from .svg import SVG_MIME
 from .work import SharedOnDisk, in_worker, in_worker_unless_small, on_disk, watch_event_loop
 
@@ -799,24 +800,25 @@ class ImageService:
         if request.extra:
             parameters["extra"] = request.extra
 
+        about = NewImage(
+            mime_type=output.mime,
+            width=output.width,
+            height=output.height,
+            frames=output.frames,
+            prompt=request.prompt,
+            operation=request.operation,
+            model=route.model.id,
+            endpoint=route.endpoint.name,
+            provider=route.endpoint.provider,
+            parameters={k: v for k, v in parameters.items() if v is not None},
+            parent_ids=[img.image_id for img in request.images if img.image_id],
+            revised_prompt=revised_prompt or None,
+            job_id=job.id,
+            owner=job.owner,
+        )
+
         def save() -> ImageRecord:
-            return self.store.save(
-                data,
-                mime_type=output.mime,
-                width=output.width,
-                height=output.height,
-                frames=output.frames,
-                prompt=request.prompt,
-                operation=request.operation,
-                model=route.model.id,
-                endpoint=route.endpoint.name,
-                provider=route.endpoint.provider,
-                parameters={k: v for k, v in parameters.items() if v is not None},
-                parent_ids=[img.image_id for img in request.images if img.image_id],
-                revised_prompt=revised_prompt or None,
-                job_id=job.id,
-                owner=job.owner,
-            )
+            return self.store.save(data, about)
 
         async def save_or_keep() -> ImageRecord:
             try:

@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 import unicodedata
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,52 @@ def _slug(prompt: str) -> str:
             break
         slug = candidate
     return slug or "image"
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """What is known of an image before either store saves it: everything its record holds
+    but its id, where it went and when."""
+
+    mime_type: str
+    width: int
+    height: int
+    prompt: str
+    operation: Origin
+    model: str
+    endpoint: str
+    provider: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    parent_ids: list[str] = field(default_factory=list)
+    revised_prompt: str | None = None
+    job_id: str | None = None
+    frames: int | None = None  # GIFs: the frame count
+    owner: str | None = None  # None: the caller (owners.py)
+
+    def extension(self) -> str:
+        from .images import EXTENSIONS  # Pillow loads on the first save, not at start-up
+
+        ext = EXTENSIONS.get(self.mime_type)
+        if ext is None:
+            raise InvalidRequestError(f"cannot save an image of type {self.mime_type!r}")
+        return ext
+
+    def file_name(self, tag: str, now: datetime, ext: str) -> str:
+        """`<local time>_<prompt's slug>_<tag>.<ext>`: local time, as a person browsing expects;
+        the tag is the start of the image's id (recovery reads it back)."""
+        return f"{now.astimezone().strftime('%Y%m%d-%H%M%S')}_{_slug(self.prompt)}_{tag}.{ext}"
+
+    def record(self, image_id: str, path: str, size: int, now: datetime) -> ImageRecord:
+        facts = asdict(self)  # copies the parameters and parent ids too
+        facts["owner"] = self.owner or current_owner()
+        return ImageRecord(
+            id=image_id,
+            uri=URI_PREFIX + image_id,
+            path=path,
+            bytes=size,
+            created_at=now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            **facts,
+        )
 
 
 def _encode_cursor(key: tuple[int, str]) -> str:
@@ -257,61 +304,16 @@ class ImageStore(StoreLookups):
         finally:
             os.close(fd)
 
-    def save(
-        self,
-        data: bytes,
-        *,
-        mime_type: str,
-        width: int,
-        height: int,
-        prompt: str,
-        operation: Origin,
-        model: str,
-        endpoint: str,
-        provider: str,
-        parameters: dict[str, Any] | None = None,
-        parent_ids: list[str] | None = None,
-        revised_prompt: str | None = None,
-        job_id: str | None = None,
-        frames: int | None = None,
-        owner: str | None = None,
-    ) -> ImageRecord:
-        """Write the bytes as given (no re-encoding) and their record (owned by `owner`, else the
-        caller, see owners.py); returns the record."""
-        from .images import EXTENSIONS  # Pillow loads on the first save, not at start-up
-
-        ext = EXTENSIONS.get(mime_type)
-        if ext is None:
-            raise InvalidRequestError(f"cannot save an image of type {mime_type!r}")
+    def save(self, data: bytes, about: NewImage) -> ImageRecord:
+        """Write the bytes as given (no re-encoding) and their record; returns the record."""
+        ext = about.extension()
         self._ensure_dirs()
         image_id = secrets.token_urlsafe(16)
         now = datetime.now(UTC)
-        stamp = now.astimezone().strftime("%Y%m%d-%H%M%S")  # local time: what a person expects
-        slug = _slug(prompt)
-        path = self.output_dir / f"{stamp}_{slug}_{image_id[:6]}.{ext}"
+        path = self.output_dir / about.file_name(image_id[:6], now, ext)
         if path.exists():  # same second, prompt and id prefix: vanishingly rare, but never overwrite
-            path = self.output_dir / f"{stamp}_{slug}_{image_id}.{ext}"
-        record = ImageRecord(
-            id=image_id,
-            uri=URI_PREFIX + image_id,
-            path=str(path),
-            mime_type=mime_type,
-            width=width,
-            height=height,
-            bytes=len(data),
-            frames=frames,
-            revised_prompt=revised_prompt,
-            prompt=prompt,
-            operation=operation,
-            model=model,
-            endpoint=endpoint,
-            provider=provider,
-            parameters=dict(parameters or {}),
-            parent_ids=list(parent_ids or []),
-            created_at=now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            job_id=job_id,
-            owner=owner or current_owner(),
-        )
+            path = self.output_dir / about.file_name(image_id, now, ext)
+        record = about.record(image_id, str(path), len(data), now)
         try:
             self._write_atomic(path, data)
             self._fsync_dir(self.output_dir)

@@ -25,6 +25,7 @@ from pydantic import Field
 from . import results
 from .errors import ImageGenError, InvalidRequestError
 from .models import ImageRecord
+from .store import NewImage
 from .work import in_worker, on_disk
 
 APP_URI = "ui://mcp-imagegen/studio.html"
@@ -175,15 +176,17 @@ def studio_app(holder: _Holder) -> Apps:
         record = await on_disk(
             lambda: svc.store.save(
                 raw,
-                mime_type=mime,
-                width=width,
-                height=height,
-                prompt=prompt,
-                operation="import",
-                model="(imported)",
-                endpoint="studio",
-                provider="studio",
-                parameters={"file_name": name} if name else {},
+                NewImage(
+                    mime_type=mime,
+                    width=width,
+                    height=height,
+                    prompt=prompt,
+                    operation="import",
+                    model="(imported)",
+                    endpoint="studio",
+                    provider="studio",
+                    parameters={"file_name": name} if name else {},
+                ),
             )
         )
         text = f"Stored {label} as {record.uri} ({width}x{height}, saved at {record.path})."

@@ -18,7 +18,7 @@ from PIL import Image
 from mcp_imagegen import b64, images, inputs
 from mcp_imagegen.config import Settings
 from mcp_imagegen.errors import InputForbiddenError, InputNotFoundError, InvalidRequestError
-from mcp_imagegen.store import ImageStore
+from mcp_imagegen.store import ImageStore, NewImage
 
 pytestmark = pytest.mark.anyio
 
@@ -155,18 +155,16 @@ async def test_bare_base64(root: Path, store: ImageStore, data: bytes) -> None:
 async def test_imagegen_uri(root: Path, store: ImageStore) -> None:
     rec = store.save(
         PNG,
-        mime_type="image/png",
-        width=40,
-        height=30,
-        prompt="p",
-        operation="generate",
-        model="m",
-        endpoint="e",
-        provider="offline",
-        parameters={},
-        parent_ids=[],
-        revised_prompt=None,
-        job_id=None,
+        NewImage(
+            mime_type="image/png",
+            width=40,
+            height=30,
+            prompt="p",
+            operation="generate",
+            model="m",
+            endpoint="e",
+            provider="offline",
+        ),
     )
     img = await resolve(rec.uri, store, [root])
     assert img.image_id == rec.id and img.data == PNG and img.source == rec.uri

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mcp_imagegen import store as store_mod
 from mcp_imagegen.errors import ConfigError, InputNotFoundError, InvalidRequestError
-from mcp_imagegen.store import TMP_SUFFIX, ImageStore
+from mcp_imagegen.store import TMP_SUFFIX, ImageStore, NewImage
 
 
 def png(size: tuple[int, int] = (8, 6), color: str = "red") -> bytes:
@@ -39,7 +39,7 @@ def save(st: ImageStore, data: bytes | None = None, **over: Any) -> Any:
         job_id=None,
     )
     kw.update(over)
-    return st.save(data if data is not None else png(), **kw)
+    return st.save(data if data is not None else png(), NewImage(**kw))
 
 
 def test_save_writes_file_and_record(tmp_path: Path) -> None:
