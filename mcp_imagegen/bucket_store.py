@@ -19,9 +19,8 @@ import base64
 import json
 import re
 import secrets
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -30,10 +29,8 @@ from .errors import ConfigError, InputNotFoundError, InvalidRequestError
 from .jobs import JobRecord, RemoteJobBookWrites, _valid_job_id
 from .models import ImageRecord
 from .owners import current_owner
+from .spending import JsonSpendBook
 from .store import NewImage, StoreLookups, is_valid_id
-
-if TYPE_CHECKING:
-    from .spending import Settle
 
 _NEWEST_FIRST = 10**20  # stamps are stored as this minus the time in ns, so keys sort newest first
 _MARKER_RE = re.compile(r"^\d{20}_[A-Za-z0-9_-]{16,64}$")
@@ -283,7 +280,7 @@ class BucketJobBook(RemoteJobBookWrites):
         return record.owner_alive()
 
 
-class BucketSpendBook:
+class BucketSpendBook(JsonSpendBook):
     """The spend book as one object per day, changed by compare-and-swap on its ETag."""
 
     def __init__(self, bucket: Bucket) -> None:
@@ -291,6 +288,10 @@ class BucketSpendBook:
 
     def _key(self, day: str) -> str:
         return self.bucket.key("spend", f"{day}.json")
+
+    def _read(self, day: str) -> dict[str, Any]:
+        found = self.bucket.read(self._key(day))
+        return dict(json.loads(found[0])) if found else {}
 
     def _change(self, day: str, change: Any) -> Any:
         for _ in range(100):  # another replica changed it in between: read again and retry
@@ -304,22 +305,3 @@ class BucketSpendBook:
             elif self.bucket.put(self._key(day), body, "application/json", if_match=found[1]):
                 return answer
         raise ConfigError(f"the spend book {self._key(day)} kept changing under this server; try again")
-
-    def hold(
-        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
-    ) -> tuple[bool, float, float]:
-        from .spending import _holding
-
-        return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
-
-    def settle(self, day: str, settles: Sequence[Settle]) -> None:
-        from .spending import _settling
-
-        self._change(day, lambda book: _settling(book, settles))
-
-    def totals(self, day: str, owner: str) -> tuple[float, float]:
-        from .spending import SERVER_TOTAL
-
-        found = self.bucket.read(self._key(day))
-        spent = (json.loads(found[0]) if found else {}).get("spent", {})
-        return float(spent.get(owner, 0.0)), float(spent.get(SERVER_TOTAL, 0.0))

@@ -150,7 +150,31 @@ def _settling(book: dict[str, Any], settles: Sequence[Settle]) -> None:
                 spent[who] = round(spent.get(who, 0.0) + settle.cost, 6)
 
 
-class FolderSpendBook:
+class JsonSpendBook:
+    """A spend book kept as one JSON document per day (the folder's file, the bucket's object):
+    hold, settle and totals over the document; a subclass reads it and changes it atomically."""
+
+    def _read(self, day: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _change(self, day: str, change: Any) -> Any:
+        """Apply `change` to the day's document as one atomic step; return what it returns."""
+        raise NotImplementedError
+
+    def hold(
+        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
+    ) -> tuple[bool, float, float]:
+        return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
+
+    def settle(self, day: str, settles: Sequence[Settle]) -> None:
+        self._change(day, lambda book: _settling(book, settles))
+
+    def totals(self, day: str, owner: str) -> tuple[float, float]:
+        spent = self._read(day).get("spent", {})
+        return float(spent.get(owner, 0.0)), float(spent.get(SERVER_TOTAL, 0.0))
+
+
+class FolderSpendBook(JsonSpendBook):
     """One JSON file per UTC day in `<meta_dir>/spend/`, changed under an exclusive file lock so
     several processes on one folder see each other's holds and add up."""
 
@@ -178,18 +202,6 @@ class FolderSpendBook:
             tmp.write_text(json.dumps(book, indent=1, sort_keys=True), encoding="utf-8")
             os.replace(tmp, final)
             return answer
-
-    def hold(
-        self, day: str, owner: str, hold_id: str, usd: float, person_limit: float | None, server_limit: float | None
-    ) -> tuple[bool, float, float]:
-        return self._change(day, lambda book: _holding(book, owner, hold_id, usd, (person_limit, server_limit)))
-
-    def settle(self, day: str, settles: Sequence[Settle]) -> None:
-        self._change(day, lambda book: _settling(book, settles))
-
-    def totals(self, day: str, owner: str) -> tuple[float, float]:
-        spent = self._read(day).get("spent", {})
-        return spent.get(owner, 0.0), spent.get(SERVER_TOTAL, 0.0)
 
 
 class _locked:
